@@ -1,0 +1,182 @@
+"""Size presets and config-argument parsing shared by every file in `configs/`.
+
+All sizes live here, in one place (big_vision keeps them in `configs/common.py`;
+we keep them inside the package so that tests, the Colab and installed copies
+import the same values).
+
+Data presets (AVTOK.md section 1):
+
+| preset | frames | size    | audio                       | mel      | video patches | mel patches |
+|--------|--------|---------|-----------------------------|----------|---------------|-------------|
+| paper  | 16     | 128x128 | 98,304 samples @ 22,050 Hz  | 80 x 384 | 4x16x16=1024  | 10x48=480   |
+| small  | 8      | 64x64   | 49,152 samples @ 22,050 Hz  | 80 x 192 | 2x8x8=128     | 10x24=240   |
+| tiny   | 4      | 32x32   | 4,096 samples @ 8,000 Hz    | 32 x 64  | 2x4x4=32      | 4x8=32      |
+
+In every preset the audio covers exactly the time window of the frames, and
+each frame spans an integer number of audio samples and mel hops, so that
+events line up across the two streams.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+DATA_PRESETS = ("tiny", "small", "paper")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'key=value,key2=value2' (or a bare preset name) into a ConfigDict.
+
+  A bare word without '=' is taken as the value of the first default key, so
+  `configs/x.py:tiny` and `configs/x.py:size=tiny` mean the same. Values are
+  converted to the type of the default (bool accepts true/false/1/0).
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  keys = list(defaults)
+  for i, item in enumerate(arg.split(",")):
+    if not item:
+      continue
+    if "=" in item:
+      key, value = item.split("=", 1)
+    elif i == 0 and keys:
+      key, value = keys[0], item
+    else:
+      raise ValueError(f"Config argument {item!r} in {arg!r} is not key=value.")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"Config argument {key}={value!r} is not a boolean.")
+      out[key] = value.lower() in ("true", "1")
+    elif default is None:
+      out[key] = value
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def mel_config(preset: str = "paper") -> ml_collections.ConfigDict:
+  """Log-mel frontend settings; the normalisation constants are fixed per preset.
+
+  The paper setting follows the 22.05 kHz, 80-band HiFi-GAN convention
+  (n_fft 1024, hop 256, win 1024, fmin 0, fmax 8000, magnitude mel with
+  Slaney-normalised filters, natural log with a 1e-5 floor) so that a vocoder
+  of that family can be plugged in (AVTOK.md section 5). `norm_min` and
+  `norm_max` map log-mel linearly onto [-1, 1]; `norm_min` is the log floor,
+  so silence maps to exactly -1. No clipping is applied: the mapping is an
+  exact affine bijection.
+  """
+  _check_preset(preset)
+  c = ml_collections.ConfigDict()
+  if preset == "tiny":
+    c.n_fft, c.hop_length, c.win_length, c.n_mels = 256, 64, 256, 32
+    c.fmin, c.fmax = 0.0, 4000.0
+  else:
+    c.n_fft, c.hop_length, c.win_length, c.n_mels = 1024, 256, 1024, 80
+    c.fmin, c.fmax = 0.0, 8000.0
+  c.log_floor = 1e-5
+  c.norm_min = math.log(1e-5)  # -11.5129...
+  c.norm_max = 2.5
+  c.griffin_lim_iters = 32
+  return c
+
+
+def data_config(preset: str = "paper") -> ml_collections.ConfigDict:
+  """The `config.data` subtree used by the generator, the builders and Grain."""
+  _check_preset(preset)
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  # Where examples come from: 'synthetic' (in-memory procedural generator),
+  # 'tfds:synthetic_av' or 'tfds:av_folder' (array_record built by
+  # `python -m avtok_jax.data.prepare`).
+  c.source = "synthetic"
+  c.data_dir = ""
+  c.train_split = "train"
+  c.eval_split = "test"
+  if preset == "paper":
+    c.num_frames, c.height, c.width = 16, 128, 128
+    c.sample_rate, c.num_samples = 22050, 98304
+    c.video_patch = (4, 8, 8)
+    c.mel_patch = (8, 8)
+  elif preset == "small":
+    c.num_frames, c.height, c.width = 8, 64, 64
+    c.sample_rate, c.num_samples = 22050, 49152
+    c.video_patch = (4, 8, 8)
+    c.mel_patch = (8, 8)
+  else:  # tiny
+    c.num_frames, c.height, c.width = 4, 32, 32
+    c.sample_rate, c.num_samples = 8000, 4096
+    c.video_patch = (2, 8, 8)
+    c.mel_patch = (8, 8)
+  c.mel = mel_config(preset)
+  # Built-in generator.
+  c.num_classes = 10
+  c.seed = 0
+  c.num_train_examples = 100_000  # index space of the in-memory generator
+  c.num_eval_examples = 512
+  # Real mp4 input (av_folder).
+  c.missing_audio = "error"  # 'error' | 'silence'
+  c.short_clip = "pad"  # 'pad' | 'skip'
+  # Augmentation (train only): frames are stored `crop_margin` pixels larger
+  # than the target by the av_folder builder; the pipeline random-crops them.
+  c.random_crop = True
+  c.random_flip = True
+  # Batching and workers.
+  c.batch_size = 8  # global batch; each process loads batch_size // process_count
+  c.num_workers = 2
+  c.worker_buffer_size = 2
+  c.shuffle = True
+  c.video_dtype = "uint8"  # 'uint8' (4x less host->device traffic) | 'float32' in [-1, 1]
+  return c
+
+
+def check_data_config(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the fields whose values do not fit together."""
+  problems = []
+  pt, ph, pw = c.video_patch
+  if c.num_frames % pt or c.height % ph or c.width % pw:
+    problems.append(
+        f"video {c.num_frames}x{c.height}x{c.width} is not divisible by video_patch {tuple(c.video_patch)}"
+    )
+  if c.num_samples % c.num_frames:
+    problems.append(
+        f"num_samples={c.num_samples} is not a whole number of samples per frame (num_frames={c.num_frames})"
+    )
+  if c.num_samples % c.mel.hop_length:
+    problems.append(f"num_samples={c.num_samples} is not a multiple of mel.hop_length={c.mel.hop_length}")
+  mel_frames = c.num_samples // c.mel.hop_length
+  fh, fw = c.mel_patch
+  if c.mel.n_mels % fh or mel_frames % fw:
+    problems.append(
+        f"mel {c.mel.n_mels}x{mel_frames} is not divisible by mel_patch {tuple(c.mel_patch)}"
+    )
+  if c.mel.fmax > c.sample_rate / 2:
+    problems.append(f"mel.fmax={c.mel.fmax} is above the Nyquist frequency {c.sample_rate / 2}")
+  if c.missing_audio not in ("error", "silence"):
+    problems.append(f"missing_audio={c.missing_audio!r} must be 'error' or 'silence'")
+  if c.short_clip not in ("pad", "skip"):
+    problems.append(f"short_clip={c.short_clip!r} must be 'pad' or 'skip'")
+  if c.video_dtype not in ("uint8", "float32"):
+    problems.append(f"video_dtype={c.video_dtype!r} must be 'uint8' or 'float32'")
+  if problems:
+    raise ValueError("Data config does not fit together: " + "; ".join(problems) + ".")
+
+
+def num_mel_frames(c: ml_collections.ConfigDict) -> int:
+  """Mel frames per clip: one per hop (HiFi-GAN padding, no centre frame)."""
+  return c.num_samples // c.mel.hop_length
+
+
+def fps(c: ml_collections.ConfigDict) -> float:
+  """Frames per second implied by the window: the audio spans the frames exactly."""
+  return c.num_frames * c.sample_rate / c.num_samples
+
+
+def _check_preset(preset: str) -> None:
+  if preset not in DATA_PRESETS:
+    raise ValueError(f"Unknown data preset {preset!r}; choose one of {DATA_PRESETS}.")
