@@ -141,19 +141,21 @@ def check_data_config(c: ml_collections.ConfigDict) -> None:
   pt, ph, pw = c.video_patch
   if c.num_frames % pt or c.height % ph or c.width % pw:
     problems.append(
-        f"video {c.num_frames}x{c.height}x{c.width} is not divisible by video_patch {tuple(c.video_patch)}"
+      f"video {c.num_frames}x{c.height}x{c.width} is not divisible by video_patch {tuple(c.video_patch)}"
     )
   if c.num_samples % c.num_frames:
     problems.append(
-        f"num_samples={c.num_samples} is not a whole number of samples per frame (num_frames={c.num_frames})"
+      f"num_samples={c.num_samples} is not a whole number of samples per frame (num_frames={c.num_frames})"
     )
   if c.num_samples % c.mel.hop_length:
-    problems.append(f"num_samples={c.num_samples} is not a multiple of mel.hop_length={c.mel.hop_length}")
+    problems.append(
+      f"num_samples={c.num_samples} is not a multiple of mel.hop_length={c.mel.hop_length}"
+    )
   mel_frames = c.num_samples // c.mel.hop_length
   fh, fw = c.mel_patch
   if c.mel.n_mels % fh or mel_frames % fw:
     problems.append(
-        f"mel {c.mel.n_mels}x{mel_frames} is not divisible by mel_patch {tuple(c.mel_patch)}"
+      f"mel {c.mel.n_mels}x{mel_frames} is not divisible by mel_patch {tuple(c.mel_patch)}"
     )
   if c.mel.fmax > c.sample_rate / 2:
     problems.append(f"mel.fmax={c.mel.fmax} is above the Nyquist frequency {c.sample_rate / 2}")
