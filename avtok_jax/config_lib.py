@@ -122,8 +122,15 @@ def data_config(preset: str = "paper") -> ml_collections.ConfigDict:
   # Real mp4 input (av_folder).
   c.missing_audio = "error"  # 'error' | 'silence'
   c.short_clip = "pad"  # 'pad' | 'skip'
+  # Clips cut from each file: back-to-back windows of the clip duration from
+  # t = 0, at most this many per file.
+  c.max_clips_per_file = 1
   # Augmentation (train only): frames are stored `crop_margin` pixels larger
   # than the target by the av_folder builder; the pipeline random-crops them.
+  # The TFDS builders store [T, height + crop_margin, width + crop_margin, 3]
+  # (see `stored_frame_size`); eval takes the centre crop. A margin of 1/8 of
+  # the side allows shifts of up to 1/16 of the side each way (no rescaling).
+  c.crop_margin = c.height // 8
   c.random_crop = True
   c.random_flip = True
   # Batching and workers.
@@ -163,6 +170,10 @@ def check_data_config(c: ml_collections.ConfigDict) -> None:
     problems.append(f"missing_audio={c.missing_audio!r} must be 'error' or 'silence'")
   if c.short_clip not in ("pad", "skip"):
     problems.append(f"short_clip={c.short_clip!r} must be 'pad' or 'skip'")
+  if c.crop_margin < 0:
+    problems.append(f"crop_margin={c.crop_margin} must be >= 0")
+  if c.max_clips_per_file < 1:
+    problems.append(f"max_clips_per_file={c.max_clips_per_file} must be >= 1")
   if c.video_dtype not in ("uint8", "float32"):
     problems.append(f"video_dtype={c.video_dtype!r} must be 'uint8' or 'float32'")
   if problems:
@@ -177,6 +188,11 @@ def num_mel_frames(c: ml_collections.ConfigDict) -> int:
 def fps(c: ml_collections.ConfigDict) -> float:
   """Frames per second implied by the window: the audio spans the frames exactly."""
   return c.num_frames * c.sample_rate / c.num_samples
+
+
+def stored_frame_size(c: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(height, width) of the frames the TFDS builders store: target + crop_margin."""
+  return c.height + c.crop_margin, c.width + c.crop_margin
 
 
 def _check_preset(preset: str) -> None:
