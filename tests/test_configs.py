@@ -48,13 +48,13 @@ def test_paper_preset_matches_the_paper():
 
 
 @pytest.mark.parametrize(
-    "field,value,message",
-    [
-        ("video_patch", (3, 8, 8), "video_patch"),
-        ("num_samples", 98305, "num_samples=98305"),
-        ("missing_audio", "ignore", "missing_audio"),
-        ("short_clip", "drop", "short_clip"),
-    ],
+  "field,value,message",
+  [
+    ("video_patch", (3, 8, 8), "video_patch"),
+    ("num_samples", 98305, "num_samples=98305"),
+    ("missing_audio", "ignore", "missing_audio"),
+    ("short_clip", "drop", "short_clip"),
+  ],
 )
 def test_bad_values_are_named(field, value, message):
   c = config_lib.data_config("paper")

@@ -25,15 +25,22 @@ def test_ci_runs_the_readme_test_command():
   blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.DOTALL)
   assert len(blocks) >= 2, "README must start with the run command and the test command"
   assert "launch/quickstart.sh" in blocks[0]
-  assert _ci_test_command() in blocks[1], "the README's second command must be .ci/run's TEST_COMMAND"
+  assert _ci_test_command() in blocks[1], (
+    "the README's second command must be .ci/run's TEST_COMMAND"
+  )
 
 
 def test_quickstart_end_to_end_on_tiny_preset(tmp_path):
   """The README's run command minus the venv set-up, on the tiny preset."""
-  env = dict(os.environ, SETUP="0", PRESET="tiny", NUM="4", WORKDIR=str(tmp_path), PYTHON=sys.executable)
+  env = dict(
+    os.environ, SETUP="0", PRESET="tiny", NUM="4", WORKDIR=str(tmp_path), PYTHON=sys.executable
+  )
   proc = subprocess.run(
-      ["bash", str(ROOT / "launch" / "quickstart.sh")],
-      env=env, capture_output=True, text=True, timeout=600,
+    ["bash", str(ROOT / "launch" / "quickstart.sh")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   clips = sorted((tmp_path / "samples").glob("*.mp4"))
