@@ -375,9 +375,11 @@ class AvFolder(tfds.core.GeneratorBasedBuilder):
         st["silent"].append(e.rel)
       if result["clips"]:
         st["files"][split] += 1
+      progress.set_postfix(
+        clips=st["examples"][split] + len(result["clips"]), skipped=len(st["skipped"])
+      )
       for start, frames, wave in result["clips"]:
         st["examples"][split] += 1
-        progress.set_postfix(clips=st["examples"][split], skipped=len(st["skipped"]))
         yield (
           f"{e.rel}@{start:.3f}",
           {
