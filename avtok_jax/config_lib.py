@@ -198,3 +198,148 @@ def stored_frame_size(c: ml_collections.ConfigDict) -> tuple[int, int]:
 def _check_preset(preset: str) -> None:
   if preset not in DATA_PRESETS:
     raise ValueError(f"Unknown data preset {preset!r}; choose one of {DATA_PRESETS}.")
+
+
+# -----------------------------------------------------------------------------
+# Model presets (AVTOK.md section 2).
+# -----------------------------------------------------------------------------
+
+MODEL_PRESETS = ("tiny", "small", "B", "L")
+_DATA_PRESET_FOR = {"tiny": "tiny", "small": "small", "B": "paper", "L": "paper"}
+_DTYPES = ("float32", "bfloat16")
+
+
+def data_preset_for(size: str) -> str:
+  """The data preset a model size is meant for: tiny->tiny, small->small, B/L->paper."""
+  _check_model_preset(size)
+  return _DATA_PRESET_FOR[size]
+
+
+def model_config(size: str = "L") -> ml_collections.ConfigDict:
+  """The `config.model` subtree: tokenizer, quantizer, AR prior and projector sizes.
+
+  | size  | width | enc+dec | heads | tokens (video+audio) | codebook  | prior        |
+  |-------|-------|---------|-------|----------------------|-----------|--------------|
+  | L     | 768   | 12+12   | 12    | 1024 + 128           | 8192 x 16 | 12 x 384 (6) |
+  | B     | 512   | 8+8     | 8     | 1024 + 128           | 8192 x 16 | 12 x 384 (6) |
+  | small | 256   | 4+4     | 4     | 64 + 16              | 1024 x 16 | 2 x 128 (4)  |
+  | tiny  | 48    | 1+1     | 2     | 8 + 4                | 64 x 16   | 1 x 32 (2)   |
+
+  `L` is the paper's model ([LARP]-L sizes, 208.4M parameters reported with
+  the prior [paper]); `B` is ours, for quicker real-data runs; `small` is a CPU
+  demo that trains in minutes on the `small` data preset; `tiny` is for tests
+  (its codebook, 64, divides over 4 or 8 devices).
+  """
+  _check_model_preset(size)
+  c = ml_collections.ConfigDict()
+  c.size = size
+  c.data_preset = data_preset_for(size)
+  if size == "L":
+    c.width, c.encoder_depth, c.decoder_depth, c.num_heads = 768, 12, 12, 12  # [LARP]
+    c.num_video_tokens, c.num_audio_tokens = 1024, 128  # 1152 in all [paper], split [inferred]
+    c.codebook_size = 8192  # [LARP; inferred from the paper's parameter counts]
+    c.prior_depth, c.prior_width, c.prior_heads = 12, 384, 6  # GPT-C prior [LARP]
+    c.align_hidden_dim, c.align_out_dim = 2048, 768  # REPA-style projector [REPA], out [ours]
+  elif size == "B":
+    c.width, c.encoder_depth, c.decoder_depth, c.num_heads = 512, 8, 8, 8  # [ours]
+    c.num_video_tokens, c.num_audio_tokens = 1024, 128  # as L [paper]
+    c.codebook_size = 8192  # as L [LARP]
+    c.prior_depth, c.prior_width, c.prior_heads = 12, 384, 6  # as L [LARP]
+    c.align_hidden_dim, c.align_out_dim = 2048, 768  # [REPA], out [ours]
+  elif size == "small":
+    c.width, c.encoder_depth, c.decoder_depth, c.num_heads = 256, 4, 4, 4  # [ours]
+    c.num_video_tokens, c.num_audio_tokens = 64, 16  # [ours] for 128 + 240 patches
+    c.codebook_size = 1024  # [ours]
+    c.prior_depth, c.prior_width, c.prior_heads = 2, 128, 4  # [ours]
+    c.align_hidden_dim, c.align_out_dim = 512, 256  # [ours]
+  else:  # tiny
+    c.width, c.encoder_depth, c.decoder_depth, c.num_heads = 48, 1, 1, 2  # [ours]
+    c.num_video_tokens, c.num_audio_tokens = 8, 4  # [ours] for 32 + 32 patches
+    c.codebook_size = 64  # [ours] divisible by 8 devices
+    c.prior_depth, c.prior_width, c.prior_heads = 1, 32, 2  # [ours]
+    c.align_hidden_dim, c.align_out_dim = 64, 32  # [ours]
+  c.mlp_ratio = 4.0  # [LARP]
+  c.qkv_bias = False  # [LARP]
+  # Quantizer [LARP]: l2-normalised factorised codes; loss 0.25*commit + 1.0*codebook
+  # (the 0.1 L_vq weight lives with the loss weights); stochastic code choice in
+  # training samples softmax(cos / temperature).
+  c.code_dim = 16  # [LARP]
+  c.commit_weight = 0.25  # [LARP]
+  c.codebook_weight = 1.0  # [LARP]
+  c.quantizer_temperature = 0.03  # [LARP]
+  c.stochastic_quantization = True  # [LARP] in training; argmax at eval
+  # AR prior [LARP]: depth 0 disables it. Logits = prediction . codebook^T / T.
+  c.prior_mlp_ratio = 4.0  # [LARP]
+  c.prior_temperature = 1.0  # [LARP] (`latent_ce_temperature`); see models/prior.py
+  # Compute / memory knobs [ours]: bf16 compute with fp32 parameters for the
+  # accelerator sizes; remat + scan keep L's memory and compile time down.
+  big = size in ("B", "L")
+  c.dtype = "bfloat16" if big else "float32"
+  c.param_dtype = "float32"
+  c.remat = big
+  c.scan = big
+  return c
+
+
+def check_model_config(model: ml_collections.ConfigDict, data: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the model fields that do not fit (with each other or the data).
+
+  The codebook's divisibility by the mesh's model axis is checked by the
+  trainer, which knows the mesh.
+  """
+  problems = []
+  positive = (
+    "width",
+    "encoder_depth",
+    "decoder_depth",
+    "num_heads",
+    "num_video_tokens",
+    "num_audio_tokens",
+    "codebook_size",
+    "code_dim",
+    "align_hidden_dim",
+    "align_out_dim",
+  )
+  for name in positive:
+    if int(model[name]) < 1:
+      problems.append(f"{name}={model[name]} must be >= 1")
+  if model.num_heads >= 1 and model.width % model.num_heads:
+    problems.append(f"num_heads={model.num_heads} does not divide width={model.width}")
+  if model.width % 2:
+    # 1D sin-cos position tables pair a sine with a cosine per frequency.
+    problems.append(f"width={model.width} must be even (sin-cos position tables)")
+  if model.mlp_ratio <= 0 or int(model.width * model.mlp_ratio) != model.width * model.mlp_ratio:
+    problems.append(
+      f"mlp_ratio={model.mlp_ratio} must be > 0 and give a whole MLP width for width={model.width}"
+    )
+  if model.codebook_size < 2:
+    problems.append(f"codebook_size={model.codebook_size} must be >= 2")
+  if model.quantizer_temperature <= 0:
+    problems.append(f"quantizer_temperature={model.quantizer_temperature} must be > 0")
+  if model.prior_depth < 0:
+    problems.append(f"prior_depth={model.prior_depth} must be >= 0 (0 disables the prior)")
+  if model.prior_depth > 0:
+    if model.prior_width < 1 or model.prior_heads < 1:
+      problems.append(
+        f"prior_width={model.prior_width} and prior_heads={model.prior_heads} must be >= 1"
+      )
+    elif model.prior_width % model.prior_heads:
+      problems.append(
+        f"prior_heads={model.prior_heads} does not divide prior_width={model.prior_width}"
+      )
+    if model.prior_temperature <= 0:
+      problems.append(f"prior_temperature={model.prior_temperature} must be > 0")
+  for name in ("dtype", "param_dtype"):
+    if model[name] not in _DTYPES:
+      problems.append(f"{name}={model[name]!r} must be one of {_DTYPES}")
+  try:
+    check_data_config(data)
+  except ValueError as e:
+    problems.append(str(e).rstrip("."))
+  if problems:
+    raise ValueError("Model config does not fit together: " + "; ".join(problems) + ".")
+
+
+def _check_model_preset(size: str) -> None:
+  if size not in MODEL_PRESETS:
+    raise ValueError(f"Unknown model preset {size!r}; choose one of {MODEL_PRESETS}.")

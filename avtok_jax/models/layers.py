@@ -122,6 +122,40 @@ class Mlp(nn.Module):
     )(h)
 
 
+class HeadProjection(nn.Module):
+  """A Dense layer to or from the (heads, head_dim) layout, with a 3-D kernel.
+
+  `nn.DenseGeneral` initialises a flattened 2-D kernel and reshapes it, which
+  breaks its 3-D logical names once a mesh is active; this keeps the kernel
+  3-D throughout: [embed, heads, kv] (to_heads) or [heads, kv, embed].
+  """
+
+  num_heads: int
+  head_dim: int
+  width: int
+  to_heads: bool = True
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.to_heads:
+      shape, names = (self.width, self.num_heads, self.head_dim), ("embed", "heads", "kv")
+      init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+      bias_shape, bias_names, equation = shape[1:], names[1:], "...d,dhk->...hk"
+    else:
+      shape, names = (self.num_heads, self.head_dim, self.width), ("heads", "kv", "embed")
+      init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+      bias_shape, bias_names, equation = shape[2:], names[2:], "...hk,hkd->...d"
+    kernel = self.param("kernel", _kernel(names, init), shape, self.param_dtype)
+    y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", _zeros(bias_names), bias_shape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Attention(nn.Module):
   """Multi-head self-attention through `jax.nn.dot_product_attention`."""
 
@@ -137,30 +171,19 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     def proj(name):
-      return nn.DenseGeneral(
-        (self.num_heads, head_dim),
-        use_bias=self.qkv_bias,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=_kernel(("embed", "heads", "kv")),
-        bias_init=_zeros(("heads", "kv")),
-        name=name,
-      )(x)
+      y = HeadProjection(self.num_heads, head_dim, width, use_bias=self.qkv_bias, **kw, name=name)(
+        x
+      )
+      return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     q, k, v = proj("query"), proj("key"), proj("value")
-    q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "kv")) for t in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return nn.DenseGeneral(
-      width,
-      axis=(-2, -1),
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=_kernel(("heads", "kv", "embed")),
-      bias_init=_zeros(("embed",)),
-      name="out",
+    return HeadProjection(
+      self.num_heads, head_dim, width, to_heads=False, use_bias=True, **kw, name="out"
     )(out)
 
 

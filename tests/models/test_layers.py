@@ -91,6 +91,7 @@ def test_scan_and_remat_compute_the_same_function():
     return jnp.sum(module.apply(p, x) ** 2)
 
   ref_val, ref_grad = jax.value_and_grad(lambda p: loss(plain, p))(params)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref_grad))
   for remat, scan in [(True, False), (False, True), (True, True)]:
     module = layers.Transformer(depth, HEADS, MLP, remat=remat, scan=scan)
     p = scanned if scan else params
@@ -111,10 +112,8 @@ def test_scan_and_remat_compute_the_same_function():
       }
     # Summation order differs between the three forms: compare at float32
     # noise level relative to the largest gradient.
-    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref_grad))
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale), grad, ref_grad
-    )
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_every_parameter_has_logical_axes():

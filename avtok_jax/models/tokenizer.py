@@ -1,0 +1,412 @@
+"""AVTok: the shared-weight dual-stream audio-video tokenizer (AVTOK.md section 2).
+
+Single-stream pass, run once per present modality m in {video, audio} with the
+SAME encoder, decoder, quantizer projections and codebook [paper, figure (b)]:
+
+  patches -> Dense m_embed -> + fixed sin-cos PE over m's token grid -> LN^m (m_in_norm)
+  [patch tokens ; holistic queries m_queries] -> shared `encoder` (bidirectional)
+    outputs at patch positions -> "patch-wise tokens" (continuous, for L_rep)
+    outputs at query positions -> `quant_in` (width -> code_dim) -> `quantizer` -> codes
+  codes -> Q^-1 -> `quant_out` (code_dim -> width) + 1D sin-cos PE over latent positions
+  [latents ; patch queries m_patch_queries + grid PE] -> shared `decoder`
+    outputs at patch-query positions -> LN^m (m_out_norm) -> zero-init Dense m_head -> patches
+
+There is no cross-attention between the streams: they meet only through the
+shared weights, the single codebook, the alignment loss and the cross-modal AR
+prior (`prior`, over the concatenated [video ; audio] codes) [paper].
+
+Parameter tree (top level): `encoder`, `decoder`, `quant_in`, `quantizer`,
+`quant_out`, `prior` (when prior_depth > 0) and, per modality m,
+`m_embed`, `m_in_norm`, `m_queries`, `m_patch_queries`, `m_out_norm`,
+`m_head`. Every per-modality name starts with its modality, so that freezing
+rules (VFAL stage 2 trains `audio_.*`) are plain regexes over paths.
+
+Initialisation: a modality absent from the input is skipped entirely (no
+compute, no parameters touched), so `init` must see BOTH modalities to create
+the complete tree:
+
+  model = build_tokenizer(config.model, config.data)
+  variables = model.init(jax.random.key(0), **model.example_inputs(), train=False)
+
+after which any subset of modalities can be applied with those variables.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avtok_jax.models import layers
+from avtok_jax.models.prior import ARPrior
+from avtok_jax.models.quantizer import VectorQuantizer
+
+Dtype = Any
+MODALITIES = ("video", "audio")
+
+# Learned queries start small [LARP/TiTok: N(0, 0.02)].
+_QUERY_INIT = nn.initializers.normal(stddev=0.02)
+_KERNEL_INIT = nn.initializers.xavier_uniform()
+
+
+@functools.lru_cache(maxsize=32)
+def _position_table(grid: tuple[int, ...], dim: int) -> np.ndarray:
+  """Cached fixed sin-cos table (a trace-time constant, built once per shape)."""
+  table = layers.sincos_table(grid, dim)
+  table.flags.writeable = False
+  return table
+
+
+def _to_float(patches: jax.Array) -> jax.Array:
+  """uint8 patches in [0, 255] -> float32 in [-1, 1]; float patches pass through as float32.
+
+  The pipeline may ship video as uint8 (4x less host->device traffic); the
+  model always sees the normalised units that its reconstructions are in. The
+  map is the one the pipeline applies for `video_dtype='float32'`.
+  """
+  if jnp.issubdtype(patches.dtype, jnp.integer):
+    return patches.astype(jnp.float32) * jnp.float32(1 / 127.5) - jnp.float32(1)
+  return patches.astype(jnp.float32)
+
+
+class AVTok(nn.Module):
+  """The AVTok tokenizer: one encoder and one decoder shared by video and audio.
+
+  Attributes:
+    video_grid: video token grid (T', H', W') (from `patches.token_grids`).
+    audio_grid: mel token grid (F', L').
+    video_patch_dim: values per video patch, pt*ph*pw*3.
+    audio_patch_dim: values per mel patch, pf*pl.
+    width: transformer width (768 for L).
+    encoder_depth: blocks in the shared encoder.
+    decoder_depth: blocks in the shared decoder.
+    num_heads: attention heads.
+    mlp_dim: MLP hidden width (mlp_ratio * width).
+    num_video_tokens: holistic (discrete) video tokens per clip.
+    num_audio_tokens: holistic (discrete) audio tokens per clip.
+    codebook_size: entries of the single shared codebook.
+    code_dim: factorised code dimension.
+    qkv_bias: bias on the q/k/v projections ([LARP]: none).
+    commit_weight: quantizer commitment weight.
+    codebook_weight: quantizer codebook weight.
+    quantizer_temperature: softmax(cos / T) temperature of stochastic code choice.
+    prior_depth: AR prior blocks; 0 builds no prior.
+    prior_width: AR prior width.
+    prior_heads: AR prior heads.
+    prior_mlp_ratio: AR prior MLP ratio.
+    prior_temperature: AR prior logit temperature.
+    remat: rematerialise transformer blocks in the backward pass.
+    scan: roll transformer blocks into `nn.scan` (params stacked on 'layers').
+    dtype: compute dtype of the matmuls (norms, residuals and outputs stay float32).
+    param_dtype: parameter dtype.
+  """
+
+  video_grid: tuple[int, int, int]
+  audio_grid: tuple[int, int]
+  video_patch_dim: int
+  audio_patch_dim: int
+  width: int
+  encoder_depth: int
+  decoder_depth: int
+  num_heads: int
+  mlp_dim: int
+  num_video_tokens: int
+  num_audio_tokens: int
+  codebook_size: int
+  code_dim: int = 16
+  qkv_bias: bool = False
+  commit_weight: float = 0.25
+  codebook_weight: float = 1.0
+  quantizer_temperature: float = 0.03
+  prior_depth: int = 0
+  prior_width: int = 384
+  prior_heads: int = 6
+  prior_mlp_ratio: float = 4.0
+  prior_temperature: float = 1.0
+  remat: bool = False
+  scan: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    stack = dict(
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      qkv_bias=self.qkv_bias,
+      remat=self.remat,
+      scan=self.scan,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    # ONE encoder and ONE decoder, each called once per modality [paper].
+    self.encoder = layers.Transformer(self.encoder_depth, final_norm=True, **stack)
+    # No shared final norm in the decoder: LN^m (m_out_norm) is its final
+    # norm, one per modality [paper, figure (a)].
+    self.decoder = layers.Transformer(self.decoder_depth, final_norm=False, **stack)
+    self.quant_in = self._dense(self.code_dim, ("embed", "code"))
+    self.quantizer = VectorQuantizer(
+      self.codebook_size,
+      code_dim=self.code_dim,
+      commit_weight=self.commit_weight,
+      codebook_weight=self.codebook_weight,
+      temperature=self.quantizer_temperature,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    self.quant_out = self._dense(self.width, ("code", "embed"))
+    if self.prior_depth > 0:
+      self.prior = ARPrior(
+        depth=self.prior_depth,
+        width=self.prior_width,
+        num_heads=self.prior_heads,
+        code_dim=self.code_dim,
+        max_length=self.num_video_tokens + self.num_audio_tokens,
+        mlp_ratio=self.prior_mlp_ratio,
+        temperature=self.prior_temperature,
+        remat=self.remat,
+        scan=self.scan,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+      )
+    else:
+      self.prior = None
+
+    # Per-modality parts [paper]: spelled out (not built in a loop) so that the
+    # parameter names are visible here and greppable.
+    self.video_embed = self._dense(self.width, ("patch", "embed"))
+    self.video_in_norm = layers.LayerNorm(param_dtype=self.param_dtype)
+    self.video_queries = self._queries("video_queries", self.num_video_tokens)
+    self.video_patch_queries = self._queries("video_patch_queries", self.num_patches("video"))
+    self.video_out_norm = layers.LayerNorm(param_dtype=self.param_dtype)
+    self.video_head = self._head(self.video_patch_dim)
+
+    self.audio_embed = self._dense(self.width, ("patch", "embed"))
+    self.audio_in_norm = layers.LayerNorm(param_dtype=self.param_dtype)
+    self.audio_queries = self._queries("audio_queries", self.num_audio_tokens)
+    self.audio_patch_queries = self._queries("audio_patch_queries", self.num_patches("audio"))
+    self.audio_out_norm = layers.LayerNorm(param_dtype=self.param_dtype)
+    self.audio_head = self._head(self.audio_patch_dim)
+
+  # --- construction helpers ---------------------------------------------------
+
+  def _dense(self, features: int, names: tuple[str, str]) -> nn.Dense:
+    return nn.Dense(
+      features,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
+    )
+
+  def _head(self, features: int) -> nn.Dense:
+    # Zero-init output head [LARP]: the reconstruction starts at 0 (mid-grey /
+    # mid-range mel), so early training is not dominated by random outputs.
+    return nn.Dense(
+      features,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed", "patch")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("patch",)),
+    )
+
+  def _queries(self, name: str, length: int) -> jax.Array:
+    init = nn.with_logical_partitioning(_QUERY_INIT, ("length", "embed"))
+    return self.param(name, init, (length, self.width), self.param_dtype)
+
+  # --- shapes -------------------------------------------------------------------
+
+  def grid(self, modality: str) -> tuple[int, ...]:
+    """Token grid of the modality's patches: (T', H', W') or (F', L')."""
+    return tuple(self.video_grid) if modality == "video" else tuple(self.audio_grid)
+
+  def num_patches(self, modality: str) -> int:
+    """Patches per clip, N_m."""
+    return int(np.prod(self.grid(modality)))
+
+  def patch_dim(self, modality: str) -> int:
+    """Values per patch, P_m."""
+    return self.video_patch_dim if modality == "video" else self.audio_patch_dim
+
+  def num_tokens(self, modality: str) -> int:
+    """Holistic (discrete) tokens per clip, n_m."""
+    return self.num_video_tokens if modality == "video" else self.num_audio_tokens
+
+  def example_inputs(
+    self, batch_size: int = 1, video_dtype: Dtype = jnp.float32
+  ) -> dict[str, jax.Array]:
+    """Zero inputs for both modalities (for `init` / `jax.eval_shape`); usable unbound."""
+    return {
+      "video_patches": jnp.zeros(
+        (batch_size, self.num_patches("video"), self.video_patch_dim), video_dtype
+      ),
+      "audio_patches": jnp.zeros(
+        (batch_size, self.num_patches("audio"), self.audio_patch_dim), jnp.float32
+      ),
+    }
+
+  def _parts(self, modality: str) -> dict[str, Any]:
+    if modality not in MODALITIES:
+      raise ValueError(f"Unknown modality {modality!r}; expected one of {MODALITIES}.")
+    return {
+      name: getattr(self, f"{modality}_{name}")
+      for name in ("embed", "in_norm", "queries", "patch_queries", "out_norm", "head")
+    }
+
+  # --- one stream ---------------------------------------------------------------
+
+  def _encode_one(
+    self, modality: str, patches: jax.Array, train: bool, stochastic: bool
+  ) -> dict[str, Any]:
+    parts = self._parts(modality)
+    n_patches, n_tokens = self.num_patches(modality), self.num_tokens(modality)
+    expected = (n_patches, self.patch_dim(modality))
+    if patches.ndim != 3 or tuple(patches.shape[1:]) != expected:
+      raise ValueError(
+        f"{modality}_patches must be [batch, {expected[0]}, {expected[1]}] for this model, "
+        f"got {tuple(patches.shape)}."
+      )
+    batch = patches.shape[0]
+    x = _to_float(patches)
+    h = parts["embed"](x.astype(self.dtype)).astype(jnp.float32)
+    h = h + _position_table(self.grid(modality), self.width)
+    h = parts["in_norm"](h)
+    queries = jnp.broadcast_to(
+      parts["queries"].astype(jnp.float32)[None], (batch, n_tokens, self.width)
+    )
+    seq = jnp.concatenate([h, queries], axis=1)
+    seq = nn.with_logical_constraint(seq, ("batch", "length", "embed"))
+    out = self.encoder(seq)
+    patch_tokens = nn.with_logical_constraint(out[:, :n_patches], ("batch", "length", "embed"))
+    z = self.quant_in(out[:, n_patches:].astype(self.dtype)).astype(jnp.float32)
+    z = nn.with_logical_constraint(z, ("batch", "length", "code"))
+    q = self.quantizer(z, train=train, stochastic=stochastic)
+    return {
+      "codes": q.codes,
+      "quantized": q.quantized,
+      "patch_tokens": patch_tokens,
+      "quantizer": q,
+    }
+
+  def _decode_one(self, modality: str, quantized: jax.Array) -> jax.Array:
+    parts = self._parts(modality)
+    batch, n_tokens = quantized.shape[:2]
+    if n_tokens != self.num_tokens(modality):
+      raise ValueError(
+        f"{modality}: expected {self.num_tokens(modality)} tokens per clip, got {n_tokens}."
+      )
+    latents = self.quant_out(quantized.astype(self.dtype)).astype(jnp.float32)
+    latents = latents + _position_table((n_tokens,), self.width)
+    patch_queries = parts["patch_queries"].astype(jnp.float32) + _position_table(
+      self.grid(modality), self.width
+    )
+    n_patches = patch_queries.shape[0]
+    seq = jnp.concatenate(
+      [latents, jnp.broadcast_to(patch_queries[None], (batch, n_patches, self.width))], axis=1
+    )
+    seq = nn.with_logical_constraint(seq, ("batch", "length", "embed"))
+    out = self.decoder(seq)[:, n_tokens:]
+    out = parts["out_norm"](out)
+    recon = parts["head"](out.astype(self.dtype)).astype(jnp.float32)
+    return nn.with_logical_constraint(recon, ("batch", "length", "patch"))
+
+  @staticmethod
+  def _present(
+    video_patches: jax.Array | None, audio_patches: jax.Array | None
+  ) -> dict[str, jax.Array]:
+    present = {
+      m: x for m, x in (("video", video_patches), ("audio", audio_patches)) if x is not None
+    }
+    if not present:
+      raise ValueError("Give video_patches, audio_patches or both.")
+    return present
+
+  # --- public API ---------------------------------------------------------------
+
+  def encode(
+    self,
+    video_patches: jax.Array | None = None,
+    audio_patches: jax.Array | None = None,
+    *,
+    train: bool = False,
+    stochastic: bool = False,
+  ) -> dict[str, dict[str, Any]]:
+    """Patches -> discrete tokens, per present modality.
+
+    Args:
+      video_patches: [B, N_v, pt*ph*pw*3], uint8 in [0, 255] or float in [-1, 1].
+      audio_patches: [B, N_a, pf*pl], normalised log-mel.
+      train: training mode (the quantizer updates its usage counts).
+      stochastic: sample codes from softmax(cos / T) (needs the 'sample' rng).
+
+    Returns:
+      {m: {'codes': int32 [B, n_m], 'quantized': float32 [B, n_m, code_dim]
+      (straight-through), 'patch_tokens': float32 [B, N_m, width],
+      'quantizer': QuantizerOutput}} for each present modality m.
+    """
+    present = self._present(video_patches, audio_patches)
+    return {m: self._encode_one(m, x, train, stochastic) for m, x in present.items()}
+
+  def decode(self, codes: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Discrete tokens -> patches: {m: int32 [B, n_m]} -> {m: float32 [B, N_m, P_m]}.
+
+    Reconstructions are in the input's normalised units (video in [-1, 1],
+    mel normalised).
+    """
+    unknown = set(codes) - set(MODALITIES)
+    if unknown:
+      raise ValueError(f"decode: unknown modalities {sorted(unknown)}; expected {MODALITIES}.")
+    return {
+      m: self._decode_one(m, self.quantizer.lookup(codes[m])) for m in MODALITIES if m in codes
+    }
+
+  def __call__(
+    self,
+    video_patches: jax.Array | None = None,
+    audio_patches: jax.Array | None = None,
+    *,
+    train: bool,
+    stochastic: bool = False,
+    prior_ss_ratio: float | jax.Array = 0.0,
+    run_prior: bool = True,
+  ) -> dict[str, Any]:
+    """Encode, quantize, decode (and run the AR prior) for training and evaluation.
+
+    Args:
+      video_patches: see `encode`; None skips the video stream entirely.
+      audio_patches: see `encode`; None skips the audio stream entirely.
+      train: training mode (usage counts; two scheduled-sampling prior rounds).
+      stochastic: stochastic code choice (rng stream 'sample').
+      prior_ss_ratio: scheduled-sampling ratio of the prior's second round.
+      run_prior: run the AR prior (when the model has one).
+
+    Returns:
+      {m: {'recon' float32 [B, N_m, P_m], 'codes' int32 [B, n_m],
+      'quantized' [B, n_m, code_dim], 'patch_tokens' [B, N_m, width],
+      'quantizer' QuantizerOutput}} per present modality, plus, when the prior
+      runs, 'prior_logits' (tuple of float [B, L, K], one per round) and
+      'prior_codes' (int32 [B, L], the targets) over the concatenated
+      [video ; audio] sequence of the present modalities.
+    """
+    present = self._present(video_patches, audio_patches)
+    out: dict[str, Any] = {}
+    for m, x in present.items():
+      stream = self._encode_one(m, x, train, stochastic)
+      # Decode the straight-through codes so the reconstruction loss reaches
+      # the encoder through the quantizer [LARP].
+      stream["recon"] = self._decode_one(m, stream["quantized"])
+      out[m] = stream
+    if self.prior is not None and run_prior:
+      # Cross-modal prior over [video ; audio] (just the present part in stage 1)
+      # [paper]; its gradient reaches the encoder through the straight-through
+      # codes, while the codebook it scores against is stop-gradiented inside.
+      # Audio alone (no VFAL stage does this) is read from position 0.
+      quantized = jnp.concatenate([out[m]["quantized"] for m in present], axis=1)
+      out["prior_logits"] = self.prior(
+        quantized, self.quantizer.codebook(), train=train, ss_ratio=prior_ss_ratio
+      )
+      out["prior_codes"] = jnp.concatenate([out[m]["codes"] for m in present], axis=1)
+    return out
