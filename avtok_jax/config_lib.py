@@ -19,7 +19,9 @@ events line up across the two streams.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import pathlib
 
 import ml_collections
 
@@ -343,3 +345,200 @@ def check_model_config(model: ml_collections.ConfigDict, data: ml_collections.Co
 def _check_model_preset(size: str) -> None:
   if size not in MODEL_PRESETS:
     raise ValueError(f"Unknown model preset {size!r}; choose one of {MODEL_PRESETS}.")
+
+
+# -----------------------------------------------------------------------------
+# Training configs (AVTOK.md section 4): what every `configs/vfal_*.py` and
+# `configs/vanilla.py` shares. Each stage file starts from here (stage 1 and
+# vanilla) or from the previous stage's `get_config` (stages 2 and 3).
+# -----------------------------------------------------------------------------
+
+STAGES = ("stage1", "stage2", "stage3", "vanilla")
+# Global batch and Grain workers per size [ours], except B/L's 128 [LARP].
+_BATCH_AND_WORKERS = {"tiny": (4, 0), "small": (8, 2), "B": (128, 8), "L": (128, 8)}
+# Logging / sampling / checkpoint periods per size [ours]: every step or two
+# for tests, a few pictures per CPU demo stage, sparse for long runs.
+_PERIODS = {
+  "tiny": dict(log_every=1, sample_every=2, checkpoint_every=2),
+  "small": dict(log_every=25, sample_every=500, checkpoint_every=500),
+  "B": dict(log_every=100, sample_every=5000, checkpoint_every=5000),
+  "L": dict(log_every=100, sample_every=5000, checkpoint_every=5000),
+}
+# Discriminator widths per size [ours]: tiny only has to run.
+_GAN_CHANNELS = {"tiny": (8, 16), "small": (32, 64, 128), "B": (64, 128, 256), "L": (64, 128, 256)}
+
+
+def base_train_config(size: str, stage: str) -> ml_collections.ConfigDict:
+  """Every field of a training config (the trainer's schema) with shared defaults.
+
+  A stage config then sets what is its own: `modalities`, `total_steps`,
+  `param_rules`, `loss_weights` and the GAN switch. Derived values are linked
+  with `get_ref` so that `--config.total_steps=N` also rescales the warmup,
+  and `--config.model.align_out_dim=D` the teacher's feature size.
+  """
+  _check_model_preset(size)
+  if stage not in STAGES:
+    raise ValueError(f"Unknown stage {stage!r}; choose one of {STAGES}.")
+  c = ml_collections.ConfigDict()
+  c.size = size
+  c.stage = stage
+  c.model = model_config(size)
+  c.data = data_config(data_preset_for(size))
+  c.data.batch_size, c.data.num_workers = _BATCH_AND_WORKERS[size]
+  c.modalities = ("video", "audio")
+  c.seed = 0
+  c.total_steps = 4  # a stage config sets its own
+  # Directory of the previous stage's run (stages 2 and 3); its parameters are
+  # restored where the trees overlap.
+  c.init_from = ""
+  # -1 fills the devices left over by the other axes (sharding.py).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4  # [LARP]
+  c.optim.b1, c.optim.b2 = 0.5, 0.9  # Adam(0.5, 0.9) [LARP]
+  c.optim.weight_decay = 0.0  # [LARP]: plain Adam
+  c.optim.warmup_steps = c.get_ref("total_steps") // 20  # 5% of the stage [ours]
+  c.optim.schedule = "cosine"  # cosine with warmup [LARP]
+  c.optim.min_lr_ratio = 0.0  # [ours]
+  c.optim.grad_clip = 1.0  # global norm over the trainable parameters [ours]
+
+  # (regex over '/'-joined parameter paths, 'frozen' | lr multiplier); first
+  # match wins, unmatched train at x1 (see avtok_jax/optimizer.py).
+  c.param_rules = ()
+  c.loss_weights = loss_weights()
+
+  c.gan = ml_collections.ConfigDict()
+  c.gan.enabled = True
+  c.gan.start_step = 0  # generator and discriminator losses from this step on
+  c.gan.lr = 3e-5  # discriminator lr [LARP]
+  c.gan.b1, c.gan.b2 = 0.5, 0.9  # [LARP]
+  c.gan.disc_every = 1  # discriminator update every N generator steps [ours]
+  c.gan.channels = _GAN_CHANNELS[size]
+  c.gan.lecam_decay = 0.999  # EMA of the discriminator's outputs for LeCam [LARP]
+  c.gan.modalities = ("video", "audio")
+
+  # AR prior scheduled sampling: the second round's ratio of sampled codes
+  # rises to ss_max_ratio at ss_peak_fraction of the stage [ours].
+  c.prior = ml_collections.ConfigDict(dict(ss_max_ratio=0.5, ss_peak_fraction=0.3))
+
+  # L_rep teacher: 'random' = alignment.RandomFeatureTeacher, the only one that
+  # needs no download today. Its features are what the projector predicts.
+  c.alignment = ml_collections.ConfigDict()
+  c.alignment.teacher = "random"
+  c.alignment.teacher_seed = 0
+  c.alignment.feature_dim = c.model.get_ref("align_out_dim")
+
+  # LPIPS(VGG16) weights file; '' skips the perceptual term (with a warning).
+  c.lpips_weights = ""
+
+  for key, value in _PERIODS[size].items():
+    c[key] = value
+  c.keep_checkpoints = 3  # the newest N
+  c.keep_every = 0  # also keep every K-th step forever; 0 = off
+  c.num_sample_clips = 2
+  check_model_config(c.model, c.data)
+  return c
+
+
+def loss_weights(*names: str) -> ml_collections.ConfigDict:
+  """`losses.DEFAULT_WEIGHTS` restricted to `names` (all generator terms if none given).
+
+  The discriminator's own objective is not a generator loss weight and is
+  left out of the default set.
+  """
+  # Imported here: losses pulls in jax and the models, which import this module.
+  from avtok_jax import losses
+
+  names = names or tuple(k for k in losses.DEFAULT_WEIGHTS if k != "discriminator")
+  unknown = sorted(set(names) - set(losses.DEFAULT_WEIGHTS))
+  if unknown:
+    raise ValueError(f"Unknown loss terms {unknown}; known: {sorted(losses.DEFAULT_WEIGHTS)}.")
+  return ml_collections.ConfigDict({k: losses.DEFAULT_WEIGHTS[k] for k in names})
+
+
+def load_sibling_config(config_file: str, name: str):
+  """Imports `configs/<name>.py` next to `config_file` by path (configs/ is not a package).
+
+  Stage N+1 configs call `load_sibling_config(__file__, 'vfal_stageN').get_config(arg)`
+  and edit the result (STYLE.md practice 3).
+  """
+  path = pathlib.Path(config_file).resolve().with_name(f"{name}.py")
+  if not path.is_file():
+    raise FileNotFoundError(f"Config {name!r} not found at {path}.")
+  spec = importlib.util.spec_from_file_location(f"_avtok_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def check_train_config(c: ml_collections.ConfigDict) -> None:
+  """Raises one ValueError naming every training field that does not fit.
+
+  Checks what a config alone can know (model vs data, stage, modalities,
+  optimiser, loss names, freezing rules, init_from of stages 2 and 3). The
+  batch's divisibility by the mesh is the trainer's to check: it knows the
+  devices.
+  """
+  from avtok_jax import losses, optimizer  # here: they import jax (and losses this module)
+
+  problems = []
+  try:
+    check_model_config(c.model, c.data)
+  except ValueError as e:
+    problems.append(str(e).rstrip("."))
+  if c.size not in MODEL_PRESETS:
+    problems.append(f"size={c.size!r} must be one of {MODEL_PRESETS}")
+  if c.stage not in STAGES:
+    problems.append(f"stage={c.stage!r} must be one of {STAGES}")
+  if c.stage in ("stage2", "stage3") and not c.init_from:
+    problems.append(
+      f"init_from is empty: {c.stage} starts from the previous stage's workdir "
+      "(--config.init_from=DIR)"
+    )
+  modalities = tuple(c.modalities)
+  if (
+    not modalities
+    or len(set(modalities)) != len(modalities)
+    or set(modalities) - {"video", "audio"}
+  ):
+    problems.append(f"modalities={modalities} must be distinct names from ('video', 'audio')")
+  if c.total_steps < 1:
+    problems.append(f"total_steps={c.total_steps} must be >= 1")
+  o = c.optim
+  if o.lr <= 0:
+    problems.append(f"optim.lr={o.lr} must be > 0")
+  for name in ("b1", "b2"):
+    if not 0 <= o[name] < 1:
+      problems.append(f"optim.{name}={o[name]} must be in [0, 1)")
+  if not 0 <= o.warmup_steps <= c.total_steps:
+    problems.append(
+      f"optim.warmup_steps={o.warmup_steps} must be in [0, total_steps={c.total_steps}]"
+    )
+  if o.schedule not in optimizer.SCHEDULES:
+    problems.append(f"optim.schedule={o.schedule!r} must be one of {optimizer.SCHEDULES}")
+  if not 0 <= o.min_lr_ratio <= 1:
+    problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+  if o.weight_decay < 0 or o.grad_clip < 0:
+    problems.append("optim.weight_decay and optim.grad_clip must be >= 0")
+  try:
+    optimizer.validate_rules(c.param_rules)
+  except ValueError as e:
+    problems.append("param_rules: " + str(e).rstrip("."))
+  unknown = sorted(set(c.loss_weights) - set(losses.DEFAULT_WEIGHTS))
+  if unknown:
+    problems.append(f"loss_weights names unknown terms {unknown}")
+  if c.gan.enabled:
+    if set(c.gan.modalities) - set(modalities):
+      problems.append(
+        f"gan.modalities={tuple(c.gan.modalities)} are not all in modalities={modalities}"
+      )
+    if c.gan.disc_every < 1 or c.gan.start_step < 0 or c.gan.lr <= 0:
+      problems.append("gan.disc_every must be >= 1, gan.start_step >= 0 and gan.lr > 0")
+  for name in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+    if c[name] < 1:
+      problems.append(f"{name}={c[name]} must be >= 1")
+  if c.keep_every < 0:
+    problems.append(f"keep_every={c.keep_every} must be >= 0 (0 = off)")
+  if problems:
+    raise ValueError("Train config does not fit together: " + "; ".join(problems) + ".")

@@ -124,12 +124,20 @@ def state_shardings(mesh: jax.sharding.Mesh, abstract_tree, rules=LOGICAL_AXIS_R
   """NamedShardings for a (possibly boxed) variable tree from `jax.eval_shape(init)`.
 
   Leaves boxed with logical names (`nn.with_logical_partitioning`) follow the
-  rules; unboxed leaves are replicated.
+  rules, leaves boxed with mesh-axis names (`nn.with_partitioning`) keep them,
+  unboxed leaves are replicated. The result has the structure of the unboxed
+  tree (empty nodes such as optax's MaskedNode stay empty nodes).
   """
-  specs = nn.get_partition_spec(abstract_tree)
-  mesh_specs = nn.logical_to_mesh(specs, rules)
-  return jax.tree.map(
-    lambda spec: jax.sharding.NamedSharding(mesh, spec),
-    mesh_specs,
-    is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-  )
+
+  def one(leaf):
+    if isinstance(leaf, nn.Partitioned) and not jax.tree.leaves(leaf.value):
+      return leaf.value  # e.g. a box around optax's MaskedNode: no array to place
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      spec = logical_spec(leaf.names, rules)
+    elif isinstance(leaf, nn.Partitioned):
+      spec = jax.sharding.PartitionSpec(*leaf.names)
+    else:
+      spec = jax.sharding.PartitionSpec()
+    return jax.sharding.NamedSharding(mesh, spec)
+
+  return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -61,7 +61,7 @@ def _position_table(grid: tuple[int, ...], dim: int) -> np.ndarray:
   return table
 
 
-def _to_float(patches: jax.Array) -> jax.Array:
+def to_float_patches(patches: jax.Array) -> jax.Array:
   """uint8 patches in [0, 255] -> float32 in [-1, 1]; float patches pass through as float32.
 
   The pipeline may ship video as uint8 (4x less host->device traffic); the
@@ -270,7 +270,7 @@ class AVTok(nn.Module):
         f"got {tuple(patches.shape)}."
       )
     batch = patches.shape[0]
-    x = _to_float(patches)
+    x = to_float_patches(patches)
     h = parts["embed"](x.astype(self.dtype)).astype(jnp.float32)
     h = h + _position_table(self.grid(modality), self.width)
     h = parts["in_norm"](h)

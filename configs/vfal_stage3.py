@@ -1,0 +1,54 @@
+r"""VFAL stage 3, decoders: fine-tune the decoder side for both modalities.
+
+AVTOK.md section 4. Starts from stage 2's parameters (`init_from`, required)
+with the tokens fixed: the encoder side (encoder, quant_in, quantizer, the
+*_embed / *_in_norm / holistic *_queries modules), the AR prior and both
+alignment projectors are frozen. Trains the shared decoder, quant_out and,
+per modality, the patch queries, output LayerNorm and head. Losses: both
+reconstruction terms (+ LPIPS when `lpips_weights` is given) and the GAN on
+video and mel, from the first step (the decoder starts from a trained state).
+
+This is `vfal_stage2.get_config` edited (STYLE.md practice 3).
+
+Launch, after stage 2 (see configs/vfal_stage1.py):
+
+  python -m avtok_jax.main --config=configs/vfal_stage3.py:small --workdir=workdir/stage3 \
+      --config.init_from=workdir/stage2
+
+Argument: the size preset, `tiny`, `small` (default), `B` or `L`.
+
+Hardware and what to expect: the same machines as stage 1 (tiny 4 steps,
+small 300 on the 2-core CPU, B/L 25k). The tokens of a clip are the same
+before and after this stage (the encoder side is frozen); only the
+reconstructions sharpen.
+"""
+
+from avtok_jax import config_lib
+
+TOTAL_STEPS = {"tiny": 4, "small": 300, "B": 25_000, "L": 25_000}  # [ours]
+
+PARAM_RULES = (
+  # The shared decoder and the code -> width projection.
+  (r"^(decoder|quant_out)/", 1.0),
+  # Per-modality decoder-side modules ('(/|$)': the queries are bare arrays).
+  (r"^(video|audio)_(patch_queries|out_norm|head)(/|$)", 1.0),
+  # Everything else is frozen: encoder, quant_in, quantizer, *_embed,
+  # *_in_norm, holistic *_queries, prior, projectors.
+  (r".*", "frozen"),
+)
+
+
+def get_config(arg: str | None = None):
+  stage2 = config_lib.load_sibling_config(__file__, "vfal_stage2")
+  config = stage2.get_config(arg)
+  config.stage = "stage3"
+  config.modalities = ("video", "audio")
+  config.total_steps = TOTAL_STEPS[config.size]
+  config.param_rules = PARAM_RULES
+  config.loss_weights = config_lib.loss_weights(
+    "video_l1", "video_l2", "audio_l1", "audio_l2", "perceptual", "gan", "lecam"
+  )
+  config.gan.enabled = True
+  config.gan.start_step = 0
+  config.gan.modalities = ("video", "audio")
+  return config

@@ -1,0 +1,215 @@
+"""The VFAL trainer end to end on the tiny preset.
+
+One uninterrupted stage-1 run (a module fixture) is the reference for the
+stage chain, the kill-and-resume test and the multi-device test, so that the
+number of compiled train steps stays small.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from avtok_jax import checkpointing, optimizer, reporting, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def load_config(name: str, arg: str = "tiny", **overrides):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.total_steps = STEPS
+  config.log_every = 1
+  config.checkpoint_every = 2
+  config.sample_every = STEPS
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def load_params(config, workdir):
+  """The params of the latest checkpoint in `workdir`, as host numpy arrays."""
+  models = train.Models(config)
+  fresh = nn.unbox(models.init(jax.random.key(0)))["params"]
+  params, restored, _ = checkpointing.restore_params_partial(
+    os.path.join(workdir, "checkpoints"), fresh
+  )
+  assert restored
+  return jax.tree.map(np.asarray, params)
+
+
+def flat(tree):
+  return {
+    jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def losses_by_step(workdir):
+  return {m["step"]: m for m in reporting.read_metrics(workdir)}
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("stage1")
+  config = load_config("vfal_stage1")
+  metrics = train.run(config, workdir)
+  return config, workdir, metrics
+
+
+def test_stage1_trains_and_writes_everything(stage1):
+  config, workdir, metrics = stage1
+  assert np.isfinite(metrics["loss"])
+  logged = reporting.read_metrics(workdir)
+  assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
+  assert {"video_l1", "vq", "prior", "alignment", "gan", "codebook_usage", "grad_norm"} <= set(
+    logged[-1]
+  )
+  assert "audio_l1" not in logged[-1]  # stage 1 runs video only
+  scalars = reporting.read_tensorboard_scalars(workdir)
+  assert len(scalars["loss"]) == STEPS
+  samples = pathlib.Path(workdir, "samples", f"step_{STEPS:07d}")
+  assert (samples / "video.png").exists() and len(list(samples.glob("*.mp4"))) == 4
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2, 4]
+  # The frozen audio modules kept their checksum (the trainer raises otherwise).
+  assert len({m["frozen_checksum"] for m in logged}) == 1
+
+
+def test_stage_chain_with_init_from_and_frozen_params_bit_identical(stage1, tmp_path):
+  config1, workdir1, _ = stage1
+  p1 = flat(load_params(config1, workdir1))
+
+  config2 = load_config("vfal_stage2", init_from=str(workdir1))
+  workdir2 = tmp_path / "stage2"
+  metrics2 = train.run(config2, workdir2)
+  assert np.isfinite(metrics2["loss"]) and "audio_l1" in metrics2
+  p2 = flat(load_params(config2, workdir2))
+  trainable2 = flat(optimizer.trainable_mask(load_params(config2, workdir2), config2.param_rules))
+  changed = {k for k in p1 if not np.array_equal(p1[k], p2[k])}
+  for key, train_it in trainable2.items():
+    if not train_it:
+      assert key not in changed, f"frozen {key} changed in stage 2"
+  assert any("audio_" in k for k in changed), "stage 2 did not train the audio modules"
+  assert any("prior" in k for k in changed)
+  assert not any("encoder" in k or "video_" in k for k in changed)
+
+  config3 = load_config("vfal_stage3", init_from=str(workdir2))
+  workdir3 = tmp_path / "stage3"
+  metrics3 = train.run(config3, workdir3)
+  assert np.isfinite(metrics3["loss"]) and {"video_l1", "audio_l1", "gan"} <= set(metrics3)
+  p3 = flat(load_params(config3, workdir3))
+  changed3 = {k for k in p2 if not np.array_equal(p2[k], p3[k])}
+  assert any("decoder" in k for k in changed3)
+  assert not any("encoder" in k or "quantizer" in k or "prior" in k for k in changed3)
+  assert pathlib.Path(workdir3, "samples", f"step_{STEPS:07d}", "mel.png").exists()
+
+
+def test_kill_and_resume_continues_exactly(stage1, tmp_path, monkeypatch):
+  config, reference_dir, _ = stage1
+  workdir = tmp_path / "interrupted"
+
+  class FakePreemption:
+    requested = False
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+  fake = FakePreemption()
+  monkeypatch.setattr(train.checkpointing, "PreemptionHandler", lambda: fake)
+  update = reporting.Progress.update
+
+  def update_and_preempt(self, step, metrics=None):
+    if step == 1:  # SIGTERM arrives during step 1 (not on a checkpoint step)
+      fake.requested = True
+    return update(self, step, metrics)
+
+  monkeypatch.setattr(reporting.Progress, "update", update_and_preempt)
+  train.run(config, workdir)
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 1
+  monkeypatch.undo()
+
+  train.run(config, workdir)  # resumes at step 1
+  reference = losses_by_step(reference_dir)
+  resumed = losses_by_step(workdir)
+  for step in range(1, STEPS + 1):
+    assert resumed[step]["loss"] == reference[step]["loss"], step
+  a, b = flat(load_params(config, reference_dir)), flat(load_params(config, workdir))
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+MULTI_DEVICE_SCRIPT = r"""
+import json, sys
+import jax
+from tests.test_train import load_config
+from avtok_jax import reporting, train
+assert jax.device_count() == 8, jax.devices()
+out = {}
+for name, mesh in [("data4_model2", dict(data=4, fsdp=1, model=2)),
+                   ("data2_fsdp2_model2", dict(data=2, fsdp=2, model=2))]:
+  config = load_config("vfal_stage1", sample_every=1000, checkpoint_every=1000)
+  config.mesh.update(mesh)
+  workdir = sys.argv[1] + "/" + name
+  train.run(config, workdir)
+  out[name] = {m["step"]: m["loss"] for m in reporting.read_metrics(workdir)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_multi_device_meshes_match_one_device(stage1, tmp_path):
+  _, reference_dir, _ = stage1
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
+  proc = subprocess.run(
+    [sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(tmp_path)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  reference = losses_by_step(reference_dir)
+  for name, per_step in result.items():
+    for step in (1, 2, 3):
+      assert per_step[str(step)] == pytest.approx(reference[step]["loss"], abs=1e-4, rel=1e-4), (
+        name,
+        step,
+      )
+
+
+@pytest.mark.parametrize(
+  "edit,devices,field",
+  [
+    (lambda c: c.data.update(batch_size=6), 4, "config.data.batch_size"),
+    (lambda c: c.model.update(codebook_size=63), 8, "codebook_size"),
+    (lambda c: c.data.update(video_patch=(2, 8, 7)), 1, "video_patch"),
+    (lambda c: c.update(modalities=("video", "smell")), 1, "modalities"),
+  ],
+)
+def test_bad_configs_give_one_line_errors(edit, devices, field):
+  config = load_config("vfal_stage1")
+  edit(config)
+  config.mesh.update(dict(data=-1, model=2 if field == "codebook_size" else 1))
+  with pytest.raises(ValueError, match=field) as info:
+    from avtok_jax import config_lib
+
+    config_lib.check_train_config(config)
+    train.check_config(config, num_devices=devices)
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_preset_is_named():
+  with pytest.raises(ValueError, match="huge"):
+    load_config("vfal_stage1", arg="huge")
