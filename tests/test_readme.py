@@ -1,5 +1,6 @@
 """The README's first commands are the truth: CI runs the same test command,
-and the run command's script works end to end on the built-in data."""
+and the run command's script (data, then VFAL stages 1 -> 2 -> 3) works end to
+end on the built-in data."""
 
 import os
 import pathlib
@@ -33,7 +34,13 @@ def test_ci_runs_the_readme_test_command():
 def test_quickstart_end_to_end_on_tiny_preset(tmp_path):
   """The README's run command minus the venv set-up, on the tiny preset."""
   env = dict(
-    os.environ, SETUP="0", PRESET="tiny", NUM="4", WORKDIR=str(tmp_path), PYTHON=sys.executable
+    os.environ,
+    SETUP="0",
+    SIZE="tiny",
+    NUM="8",
+    STEPS="2",
+    WORKDIR=str(tmp_path),
+    PYTHON=sys.executable,
   )
   proc = subprocess.run(
     ["bash", str(ROOT / "launch" / "quickstart.sh")],
@@ -43,9 +50,14 @@ def test_quickstart_end_to_end_on_tiny_preset(tmp_path):
     timeout=600,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  clips = sorted((tmp_path / "samples").glob("*.mp4"))
+  clips = sorted((tmp_path / "clips").glob("*.mp4"))
   assert len(clips) == 16
   with av.open(str(clips[0])) as container:
     assert len(container.streams.video) == 1 and len(container.streams.audio) == 1
   assert list((tmp_path / "tfds").rglob("*.array_record*")), "no array_record files were written"
-  assert "video_patches" in proc.stdout + proc.stderr
+  for stage in (1, 2, 3):
+    samples = tmp_path / f"stage{stage}" / "samples" / "step_0000002"
+    assert (samples / "video.png").exists(), proc.stdout[-2000:]
+    assert list((tmp_path / f"stage{stage}" / "checkpoints").iterdir())
+  assert (tmp_path / "stage3" / "samples" / "step_0000002" / "mel.png").exists()
+  assert "Input vs reconstruction" in proc.stdout
