@@ -45,7 +45,6 @@ from avtok_jax.models import quantizer as quantizer_lib
 from avtok_jax.models import tokenizer as tokenizer_lib
 
 PROJECTOR = "{}_projector"
-STAGES = ("stage1", "stage2", "stage3", "vanilla")
 
 
 class TrainingError(RuntimeError):
@@ -56,31 +55,11 @@ class TrainingError(RuntimeError):
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """One-line errors naming the config field whose value does not fit."""
-  if config.size not in config_lib.MODEL_PRESETS:
-    raise ValueError(
-      f"config.size={config.size!r} is not a preset; use one of {config_lib.MODEL_PRESETS}."
-    )
-  if config.stage not in STAGES:
-    raise ValueError(f"config.stage={config.stage!r} must be one of {STAGES}.")
-  config_lib.check_model_config(config.model, config.data)
-  unknown = set(config.modalities) - set(tokenizer_lib.MODALITIES)
-  if not config.modalities or unknown:
-    raise ValueError(
-      f"config.modalities={tuple(config.modalities)} must be a non-empty subset of {tokenizer_lib.MODALITIES}."
-    )
-  if config.total_steps < 1:
-    raise ValueError(f"config.total_steps={config.total_steps} must be >= 1.")
-  if config.stage in ("stage2", "stage3") and not config.init_from:
-    raise ValueError(
-      f"config.init_from is empty: {config.stage} starts from the previous stage's workdir."
-    )
-  if config.gan.enabled:
-    for m in config.gan.modalities:
-      if m not in config.modalities:
-        raise ValueError(
-          f"config.gan.modalities names {m!r}, which is not in config.modalities={tuple(config.modalities)}."
-        )
+  """One-line errors for config values that do not fit the devices.
+
+  Everything that does not depend on the devices is checked by
+  `config_lib.check_train_config`, which `run` calls first.
+  """
   devices = num_devices or jax.device_count()
   mesh = dict(config.mesh)
   known = int(np.prod([v for v in mesh.values() if v != -1]))
