@@ -216,6 +216,10 @@ def make_train_step(config, models: Models, tx, disc_tx, trainable):
     inputs, targets = inputs_of(batch), targets_of(batch)
 
     def loss_fn(params):
+      # Frozen parameters are constants to autodiff, so XLA drops their weight
+      # gradients (and whole backward passes: stage 3 never differentiates
+      # through the frozen encoder). Their gradient is an exact zero.
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
       outputs, new_vars = tokenizer.apply(
         {"params": _tokenizer_params(params), "codebook_stats": state["codebook_stats"]},
         video_patches=inputs["video"],
@@ -500,6 +504,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
         elapsed = time.perf_counter() - timer
         timer = time.perf_counter()
         metrics["seconds_per_log_interval"] = elapsed
+        if last and config.eval_batches > 0:
+          # Logged with the last step's metrics (one record per step).
+          metrics.update(evaluate_held_out(config, eval_fn, state, batch_sharding))
         writer.write_scalars(done, metrics)
       progress.update(done, _headline(metrics) if done % config.log_every == 0 or last else None)
       if done % config.sample_every == 0 or last:
@@ -518,6 +525,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       "check config.param_rules."
     )
   if is_main:
+    scores = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/"))
+    if scores:
+      print(f"Held-out reconstruction ({config.data.eval_split} split): {scores}.")
     print(
       f"Done: {config.stage} at step {int(state['step'])}. Samples in {os.path.join(workdir, 'samples')}, "
       f"TensorBoard logs and metrics.jsonl in {workdir}, checkpoints in {ckpt.directory}."
@@ -571,6 +581,48 @@ def _init_from_previous_stage(config, state):
     ", ".join(sorted({p.split("/")[0] for p in fresh})) or "none",
   )
   return state
+
+
+def evaluate_held_out(config, eval_fn, state, batch_sharding) -> dict[str, float]:
+  """Reconstruction quality on up to `config.eval_batches` batches of the eval split.
+
+  Eval mode (argmax codes, no prior). Returns 'eval/video_psnr' (dB on [-1, 1]
+  pixels, peak-to-peak 2, so 10 log10(4 / MSE) per clip, averaged over
+  clips), 'eval/video_l1' and 'eval/mel_l1' (mean absolute error in the
+  normalised [-1, 1] units of the pixels and the log-mel) for the modalities
+  the stage runs, and 'eval/clips'. Padding clips of the last batch (mask
+  False) are left out. Call inside the mesh and logical-rules context.
+  """
+  it = pipeline.make_iterator(config.data, config.data.eval_split, train=False, seed=config.seed)
+  sums: dict[str, float] = {}
+  clips = 0.0
+  for _ in range(config.eval_batches):
+    try:
+      local = next(it)
+    except StopIteration:
+      break
+    batch = pipeline.to_global_array(local, batch_sharding)
+    fetched = (eval_fn(state["params"], state["codebook_stats"], batch), np.asarray(local["mask"]))
+    if jax.process_count() > 1:
+      # The batch spans hosts (process order = global batch order): gather it.
+      fetched = multihost_utils.process_allgather(fetched, tiled=True)
+    pairs, mask = jax.device_get(fetched)
+    mask = np.asarray(mask, np.float64)
+    per_clip = {}
+    if "video" in pairs:
+      x, y = (np.asarray(a, np.float64) for a in pairs["video"])
+      err = (y - x).reshape(len(x), -1)
+      per_clip["eval/video_psnr"] = 10.0 * np.log10(4.0 / np.maximum(np.mean(err**2, 1), 1e-10))
+      per_clip["eval/video_l1"] = np.mean(np.abs(err), 1)
+    if "audio" in pairs:
+      x, y = (np.asarray(a, np.float64) for a in pairs["audio"])
+      per_clip["eval/mel_l1"] = np.mean(np.abs(y - x).reshape(len(x), -1), 1)
+    for k, v in per_clip.items():
+      sums[k] = sums.get(k, 0.0) + float(np.sum(v * mask))
+    clips += float(mask.sum())
+  out = {k: v / max(clips, 1.0) for k, v in sums.items()}
+  out["eval/clips"] = clips
+  return out
 
 
 def _write_samples(config, models, eval_fn, state, batch, workdir, step):

@@ -22,8 +22,8 @@ SI-SDR / rFAD / MR-STFT than VFAL at a similar video quality).
 
 from avtok_jax import config_lib
 
-# [ours] small: 1500 + 600, where VFAL's stage 3 switches the GAN on; others as stage 1.
-GAN_START = {"tiny": 2, "small": 2100, "B": 20_000, "L": 20_000}
+# [ours] small: 1200 + 300, where VFAL's stage 3 switches the GAN on; others as stage 1.
+GAN_START = {"tiny": 2, "small": 1500, "B": 20_000, "L": 20_000}
 
 PARAM_RULES = (
   # The AR prior learns 50x faster than the tokenizer [LARP]; all else x1.

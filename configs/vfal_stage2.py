@@ -23,14 +23,14 @@ Launch, after stage 1 (see configs/vfal_stage1.py):
 Argument: the size preset, `tiny`, `small` (default), `B` or `L`.
 
 Hardware and what to expect: the same machines as stage 1, and fewer steps
-(tiny 4, small 600 on the 2-core CPU, B/L 50k). The mel reconstructions'
+(tiny 4, small 300 on the 2-core CPU, B/L 50k). The mel reconstructions'
 L1 falls quickly (only the small audio modules train); the frozen
 parameters' checksum in the log stays constant for the whole stage.
 """
 
 from avtok_jax import config_lib
 
-TOTAL_STEPS = {"tiny": 4, "small": 600, "B": 50_000, "L": 50_000}  # [ours]
+TOTAL_STEPS = {"tiny": 4, "small": 300, "B": 50_000, "L": 50_000}  # [ours]
 
 PARAM_RULES = (
   # Audio modules and the audio projector: the new stream.

@@ -108,6 +108,7 @@ TRAIN_FIELDS = {
   "seed",
   "total_steps",
   "init_from",
+  "eval_batches",
   "mesh",
   "optim",
   "param_rules",

@@ -75,6 +75,10 @@ def test_stage1_trains_and_writes_everything(stage1):
     logged[-1]
   )
   assert "audio_l1" not in logged[-1]  # stage 1 runs video only
+  # The held-out check rides on the last step's record: video only in stage 1.
+  assert logged[-1]["eval/clips"] == config.eval_batches * config.data.batch_size
+  assert 5.0 < logged[-1]["eval/video_psnr"] < 60.0 and "eval/mel_l1" not in logged[-1]
+  assert metrics["eval/video_psnr"] == logged[-1]["eval/video_psnr"]
   scalars = reporting.read_tensorboard_scalars(workdir)
   assert len(scalars["loss"]) == STEPS
   samples = pathlib.Path(workdir, "samples", f"step_{STEPS:07d}")
@@ -82,6 +86,36 @@ def test_stage1_trains_and_writes_everything(stage1):
   assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2, 4]
   # The frozen audio modules kept their checksum (the trainer raises otherwise).
   assert len({m["frozen_checksum"] for m in logged}) == 1
+
+
+def test_held_out_scores_are_per_clip_means_without_padding():
+  """Known errors in, known scores out; padded clips of the last batch do not count."""
+  config = load_config("vfal_stage2", init_from="unused")
+  config.data.num_eval_examples = 6  # batches of 4: 4 + (2 real, 2 padding)
+  config.eval_batches = 5  # more than there are: stops at the end of the split
+  seen = []
+
+  def fake_eval_fn(params, codebook_stats, batch):
+    n = batch["video_patches"].shape[0]
+    seen.append(n)
+    video, mel = np.zeros((n, 4, 8, 8, 3)), np.zeros((n, 16, 32))
+    # Clip i's video error is 0.1 * (i + 1); the mel error is 0.2 everywhere.
+    err = 0.1 * (np.arange(n) + 1.0)[:, None, None, None, None]
+    return {"video": (video, video + err), "audio": (mel, mel + 0.2)}
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  scores = train.evaluate_held_out(
+    config, fake_eval_fn, {"params": {}, "codebook_stats": {}}, sharding
+  )
+  assert seen == [4, 4]
+  errors = [0.1, 0.2, 0.3, 0.4, 0.1, 0.2]  # real clips only
+  assert scores["eval/clips"] == 6
+  np.testing.assert_allclose(scores["eval/video_l1"], np.mean(errors))
+  np.testing.assert_allclose(
+    scores["eval/video_psnr"], np.mean([10 * np.log10(4 / e**2) for e in errors])
+  )
+  np.testing.assert_allclose(scores["eval/mel_l1"], 0.2)
 
 
 def test_stage_chain_with_init_from_and_frozen_params_bit_identical(stage1, tmp_path):

@@ -274,6 +274,31 @@ def test_decode_of_encode_equals_recon_and_uint8_equals_float(tiny, params, batc
     np.testing.assert_allclose(out_u8[m]["recon"], out[m]["recon"], atol=1e-5)
 
 
+def test_queries_are_normalised_with_the_patches_so_tokens_differ_at_init():
+  """Regression: raw N(0, 0.02) queries left the encoder as ~one vector per clip.
+
+  They were 50x smaller than the attention outputs added to them, so every
+  token of a clip had ~the same code vector (mean cosine 0.97 on the built-in
+  data) and the small demo collapsed to one code per clip. With the queries
+  inside the input LayerNorm, the tokens of a freshly initialised model
+  already spread over the sphere and over many codes.
+  """
+  model = _model("small")
+  params = _init(model, 2)["params"]
+  rng = np.random.default_rng(0)
+  shape = model.example_inputs(2)["video_patches"].shape
+  video = rng.integers(0, 256, shape, dtype=np.uint8)
+  enc = jax.jit(lambda p, v: model.apply({"params": p}, v, None, method=model.encode))(
+    params, video
+  )["video"]
+  z = np.asarray(enc["quantizer"].z, np.float64)  # [2, 64, code_dim], unit rows
+  for clip in range(2):
+    cos = z[clip] @ z[clip].T
+    off_diagonal = cos[~np.eye(len(cos), dtype=bool)]
+    assert off_diagonal.mean() < 0.8, off_diagonal.mean()
+    assert len(np.unique(np.asarray(enc["codes"])[clip])) >= 24
+
+
 # --- gradients -----------------------------------------------------------------
 
 
