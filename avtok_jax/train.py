@@ -583,6 +583,17 @@ def _init_from_previous_stage(config, state):
   return state
 
 
+def _fetch_global(tree: Any) -> Any:
+  """Host copies of global arrays (and per-process host arrays), gathered over hosts.
+
+  With several processes a global batch spans hosts; process order is the
+  global batch order, so a tiled all-gather reassembles it.
+  """
+  if jax.process_count() > 1:
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def evaluate_held_out(config, eval_fn, state, batch_sharding) -> dict[str, float]:
   """Reconstruction quality on up to `config.eval_batches` batches of the eval split.
 
@@ -602,11 +613,9 @@ def evaluate_held_out(config, eval_fn, state, batch_sharding) -> dict[str, float
     except StopIteration:
       break
     batch = pipeline.to_global_array(local, batch_sharding)
-    fetched = (eval_fn(state["params"], state["codebook_stats"], batch), np.asarray(local["mask"]))
-    if jax.process_count() > 1:
-      # The batch spans hosts (process order = global batch order): gather it.
-      fetched = multihost_utils.process_allgather(fetched, tiled=True)
-    pairs, mask = jax.device_get(fetched)
+    pairs, mask = _fetch_global(
+      (eval_fn(state["params"], state["codebook_stats"], batch), np.asarray(local["mask"]))
+    )
     mask = np.asarray(mask, np.float64)
     per_clip = {}
     if "video" in pairs:
@@ -636,11 +645,7 @@ def _write_samples(config, models, eval_fn, state, batch, workdir, step):
   small = jax.tree.map(lambda x: x[:n], batch)
   pairs = eval_fn(state["params"], state["codebook_stats"], small)
   mel_in = models.unpatchify("audio", small["mel_patches"].astype(jnp.float32))
-  fetched = (pairs, mel_in)
-  if jax.process_count() > 1:
-    # Global arrays span hosts: gather them before reading on the host.
-    fetched = multihost_utils.process_allgather(fetched, tiled=True)
-  pairs, mel_in = jax.device_get(fetched)
+  pairs, mel_in = _fetch_global((pairs, mel_in))
   kwargs = {"mel_in": mel_in, "mel_spec": audio_lib.MelSpec.from_config(config.data)}
   if "video" in pairs:
     kwargs["video_in"], kwargs["video_out"] = pairs["video"]
