@@ -373,6 +373,12 @@ _PERIODS = {
   "B": dict(log_every=100, sample_every=5000, checkpoint_every=5000),
   "L": dict(log_every=100, sample_every=5000, checkpoint_every=5000),
 }
+# Dead-code restarts [ours; the Jukebox/SoundStream remedy]: off for B/L, which
+# follow LARP; on for the CPU sizes, where the codebook otherwise collapses
+# (small demo, 1200 steps: 53 distinct codes on 64 held-out clips without,
+# 409 with restarts every 50 steps; bench/recipe_sweep.py). tiny restarts
+# every 2 steps so that the 4-step tests cover it.
+_RESTART_EVERY = {"tiny": 2, "small": 50, "B": 0, "L": 0}
 # Discriminator widths per size [ours]: tiny only has to run.
 _GAN_CHANNELS = {"tiny": (8, 16), "small": (16, 32, 64), "B": (64, 128, 256), "L": (64, 128, 256)}
 
@@ -416,6 +422,10 @@ def base_train_config(size: str, stage: str) -> ml_collections.ConfigDict:
   # match wins, unmatched train at x1 (see avtok_jax/optimizer.py).
   c.param_rules = ()
   c.loss_weights = loss_weights()
+  # Every N steps, codebook entries no token used since the last restart are
+  # moved onto random encoder outputs of the batch (train.restart_dead_codes);
+  # 0 = off. Only where the codebook trains (stage 1, vanilla).
+  c.restart_dead_codes_every = _RESTART_EVERY[size]
 
   c.gan = ml_collections.ConfigDict()
   c.gan.enabled = True
@@ -552,6 +562,8 @@ def check_train_config(c: ml_collections.ConfigDict) -> None:
   for name in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
     if c[name] < 1:
       problems.append(f"{name}={c[name]} must be >= 1")
+  if c.restart_dead_codes_every < 0:
+    problems.append(f"restart_dead_codes_every={c.restart_dead_codes_every} must be >= 0 (0 = off)")
   if c.keep_every < 0:
     problems.append(f"keep_every={c.keep_every} must be >= 0 (0 = off)")
   if problems:

@@ -187,6 +187,8 @@ def make_train_step(config, models: Models, tx, disc_tx, trainable):
   stochastic = bool(config.model.stochastic_quantization)
   use_prior = config.model.prior_depth > 0 and weights.get("prior", 0.0) > 0
   use_alignment = weights.get("alignment", 0.0) > 0
+  # Dead-code restarts only where the codebook trains (stage 1, vanilla).
+  restart_every = int(config.restart_dead_codes_every) if trainable["quantizer"]["codebook"] else 0
 
   def inputs_of(batch):
     return {
@@ -286,6 +288,18 @@ def make_train_step(config, models: Models, tx, disc_tx, trainable):
     new_state = dict(
       state, step=step + 1, params=params, opt_state=opt_state, codebook_stats=codebook_stats
     )
+    if restart_every:
+      z = [outputs[m]["quantizer"].z for m in modalities]
+      new_state["params"], new_state["restart_counts"], metrics["dead_codes_restarted"] = (
+        restart_dead_codes(
+          params,
+          codebook_stats["quantizer"]["counts"],
+          state["restart_counts"],
+          jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in z]),
+          jax.random.fold_in(rng, 2),
+          (step + 1) % restart_every == 0,
+        )
+      )
 
     if gan_modalities:
 
@@ -343,6 +357,26 @@ def make_train_step(config, models: Models, tx, disc_tx, trainable):
     return new_state, metrics
 
   return train_step
+
+
+def restart_dead_codes(params, counts, counts_at_last, z, rng, now):
+  """Moves the codebook entries unused since the last restart onto encoder outputs.
+
+  The dead-code restart of Jukebox and SoundStream: an entry that no token
+  picked in the window gets the value of a random (l2-normalised) encoder
+  output `z` [N, code_dim] of this batch, so it is in play again. `counts` is
+  the cumulative code histogram, `counts_at_last` its value at the last
+  restart; nothing changes unless `now`. Returns (params, counts_at_last, the
+  number of entries moved). The Adam moments of moved rows are left as they
+  are (their gradient was zero while unused).
+  """
+  codebook = params["quantizer"]["codebook"]
+  dead = jnp.logical_and(now, counts - counts_at_last <= 0)
+  pick = jax.random.randint(rng, (codebook.shape[0],), 0, z.shape[0])
+  fresh = jnp.take(z, pick, axis=0).astype(codebook.dtype)
+  codebook = jnp.where(dead[:, None], fresh, codebook)
+  params = dict(params, quantizer=dict(params["quantizer"], codebook=codebook))
+  return params, jnp.where(now, counts, counts_at_last), jnp.sum(dead).astype(jnp.float32)
 
 
 def make_eval_fn(config, models: Models):
@@ -421,6 +455,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       "codebook_stats": variables["codebook_stats"],
       "opt_state": tx.init(variables["params"]),
     }
+    if config.restart_dead_codes_every:
+      state["restart_counts"] = jnp.zeros_like(
+        nn.unbox(variables["codebook_stats"])["quantizer"]["counts"]
+      )
     if config.gan.enabled:
       state["disc_params"] = variables["disc_params"]
       state["disc_opt_state"] = disc_tx.init(variables["disc_params"])

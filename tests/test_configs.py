@@ -122,6 +122,7 @@ TRAIN_FIELDS = {
   "checkpoint_every",
   "keep_checkpoints",
   "keep_every",
+  "restart_dead_codes_every",
   "num_sample_clips",
 }
 STAGE_OF = {

@@ -75,6 +75,9 @@ def test_stage1_trains_and_writes_everything(stage1):
     logged[-1]
   )
   assert "audio_l1" not in logged[-1]  # stage 1 runs video only
+  # tiny restarts unused codebook entries every 2 steps: 32 tokens a batch
+  # cannot use all 64 entries, so step 2 moves some and step 1 none.
+  assert logged[0]["dead_codes_restarted"] == 0 and logged[1]["dead_codes_restarted"] > 0
   # The held-out check rides on the last step's record: video only in stage 1.
   assert logged[-1]["eval/clips"] == config.eval_batches * config.data.batch_size
   assert 5.0 < logged[-1]["eval/video_psnr"] < 60.0 and "eval/mel_l1" not in logged[-1]
@@ -230,6 +233,7 @@ def test_multi_device_meshes_match_one_device(stage1, tmp_path):
     (lambda c: c.model.update(codebook_size=63), 8, "codebook_size"),
     (lambda c: c.data.update(video_patch=(2, 8, 7)), 1, "video_patch"),
     (lambda c: c.update(modalities=("video", "smell")), 1, "modalities"),
+    (lambda c: c.update(restart_dead_codes_every=-1), 1, "restart_dead_codes_every"),
   ],
 )
 def test_bad_configs_give_one_line_errors(edit, devices, field):
@@ -247,3 +251,26 @@ def test_bad_configs_give_one_line_errors(edit, devices, field):
 def test_unknown_preset_is_named():
   with pytest.raises(ValueError, match="huge"):
     load_config("vfal_stage1", arg="huge")
+
+
+def test_restart_dead_codes_moves_only_unused_entries_onto_encoder_outputs():
+  codebook = np.arange(12, dtype=np.float32).reshape(6, 2)
+  params = {"quantizer": {"codebook": codebook}, "encoder": {"w": np.ones(3)}}
+  counts_at_last = np.array([5.0, 0, 2, 0, 1, 0])
+  counts = counts_at_last + np.array([3.0, 1, 0, 0, 2, 0])  # entries 2, 3, 5 unused since
+  z = np.array([[10.0, 11.0], [20.0, 21.0]])
+  rng = jax.random.key(0)
+
+  new, snapshot, moved = train.restart_dead_codes(params, counts, counts_at_last, z, rng, True)
+  cb = np.asarray(new["quantizer"]["codebook"])
+  assert float(moved) == 3
+  np.testing.assert_array_equal(cb[[0, 1, 4]], codebook[[0, 1, 4]])
+  for row in cb[[2, 3, 5]]:
+    assert any(np.array_equal(row, zi) for zi in z), row
+  np.testing.assert_array_equal(snapshot, counts)
+  assert new["encoder"] is params["encoder"]
+
+  same, snapshot, moved = train.restart_dead_codes(params, counts, counts_at_last, z, rng, False)
+  np.testing.assert_array_equal(same["quantizer"]["codebook"], codebook)
+  np.testing.assert_array_equal(snapshot, counts_at_last)
+  assert float(moved) == 0
