@@ -376,7 +376,7 @@ _PERIODS = {
 # Dead-code restarts [ours; the Jukebox/SoundStream remedy]: off for B/L, which
 # follow LARP; on for the CPU sizes, where the codebook otherwise collapses
 # (small demo, 1200 steps: 53 distinct codes on 64 held-out clips without,
-# 409 with restarts every 50 steps; bench/recipe_sweep.py). tiny restarts
+# 409 with restarts every 50 steps; bench/recipe_sweep/). tiny restarts
 # every 2 steps so that the 4-step tests cover it.
 _RESTART_EVERY = {"tiny": 2, "small": 50, "B": 0, "L": 0}
 # Discriminator widths per size [ours]: tiny only has to run.

@@ -22,7 +22,7 @@ imports are stubbed there (and never called). `run.sh` installs wheels from
 NTEST (clip counts, default 512 / 64), SMOKE=1 (3 steps per stage, a check).
 
 Results (results_h100_2026-11-26.jsonl, one H100, jax 0.11.2 / flax 0.12.10;
-pe_grid on the 2-core CPU), held-out video PSNR in dB / distinct codes:
+the rows marked CPU on the 2-core VM), held-out video PSNR in dB / distinct codes:
 
 | variant | steps | PSNR | codes | spatial_ratio |
 |---|---|---|---|---|
@@ -41,7 +41,14 @@ pe_grid on the 2-core CPU), held-out video PSNR in dB / distinct codes:
 | width 256, 4+4 blocks | 2400 | 20.39 | 840 | 0.02 |
 | batch 32, lr 2e-3 | 2400 | 21.21 | 902 | 0.22 |
 | L2 only (no L1) | 2400 | 20.76 | 925 | 0.12 |
-| grid-aware sin-cos (CPU) | 900 | 20.68 | 802 | 0.17 |
+| grid-aware sin-cos (CPU, restart, argmax) | 600 / 900 | 20.36 / 20.68 | 711 / 802 | 0.11 / 0.17 |
+| codes x4 into quant_out (CPU, 1 thread) | 600 | 20.54 | 706 | 0.05 |
+| grid-aware sin-cos + codes x4 (CPU, 1 thread) | 600 | 20.68 | 764 | 0.13 |
+| + tokens as a 1x8x8 grid (query init and latent PE) | 600 | 20.45 | 705 | 0.13 |
+| the same at lr 2e-3 | 600 | 20.13 | 553 | 0.06 |
+
+CPU rows: results_cpu_2026-11-26.jsonl; compare them with `ref` (restart,
+argmax): 20.16 dB / 0.07 at 600 steps, 20.64 / 0.17 at 1200.
 
 Reading: dead-code restarts cure the codebook collapse (12-53 codes -> 400-960)
 but no variant gets past ~21 dB, not even without any quantizer: the limit is
@@ -130,6 +137,15 @@ def run(out, name, spec):
 
   spec = json.loads(spec)
   bs = int(spec.get("batch", 8))
+  if spec.get("latent_scale"):
+    from avtok_jax.models import tokenizer as tok_mod
+
+    orig_decode = tok_mod.AVTok._decode_one
+
+    def scaled_decode(self, modality, quantized):
+      return orig_decode(self, modality, quantized * spec["latent_scale"])
+
+    tok_mod.AVTok._decode_one = scaled_decode
   if spec.get("pe") == "grid":
     from avtok_jax.models import layers
 
@@ -146,6 +162,29 @@ def run(out, name, spec):
       return np.pad(t, ((0, 0), (0, dim - t.shape[1])))
 
     layers.sincos_table = table
+    if spec.get("token_grid"):
+      # Video tokens as a (1, 8, 8) grid at mid-clip: latent i's PE (decoder) and
+      # holistic query i's init (encoder) are the grid PE of location i.
+      from avtok_jax.models import tokenizer as tok_mod
+
+      def token_table(dim):
+        per = 2 * (dim // 6)
+        yy, xx = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+        parts = [
+          s1(np.full(64, 0.5), per, 2),
+          s1(yy.reshape(-1), per, 8),
+          s1(xx.reshape(-1), per, 8),
+        ]
+        t = np.concatenate(parts, 1)
+        return np.pad(t, ((0, 0), (0, dim - t.shape[1]))).astype(np.float32)
+
+      orig_table = tok_mod._position_table
+
+      def position_table(grid, dim):
+        return token_table(dim) if tuple(grid) == (64,) else orig_table(grid, dim)
+
+      tok_mod._position_table = position_table
+      token_queries = token_table(128)
   if spec.get("continuous"):
     from avtok_jax.models import quantizer as qlib
 
@@ -208,6 +247,8 @@ def run(out, name, spec):
     disc_tx = train._make_disc_optimizer(config) if config.gan.enabled else None
     if params is None:
       params = nn.unbox(variables["params"])
+      if spec.get("token_grid"):
+        params["video_queries"] = jnp.asarray(token_queries)
       stats = nn.unbox(variables["codebook_stats"])
     state = {
       "step": jnp.zeros((), jnp.int32),

@@ -5,7 +5,10 @@ stages / stage 1 / stage 2; `eval1` / `eval2` list extra held-out check
 steps; `batch` is the batch size (default 8); `stage1_only` skips stage 2;
 `continuous` replaces the codes by the l2-normalised encoder outputs (no
 VQ; an ablation of this sweep only); `pe: "grid"` swaps the sin-cos tables
-for grid-aware frequencies (pi/g .. pi per axis of length g).
+for grid-aware frequencies (pi/g .. pi per axis of length g); `latent_scale`
+multiplies the unit code vectors before `quant_out`; `token_grid` (with
+`pe: "grid"`) lays the 64 video tokens out as a 1x8x8 grid: holistic query i
+starts as that location's PE and latent i gets it instead of the 1D PE.
 """
 
 import json
@@ -83,6 +86,39 @@ VARIANTS = {
     "s1": dict(R, total_steps=1200),
     "common": NS,
     "pe": "grid",
+    "eval1": [300, 600, 900],
+    "stage1_only": True,
+  },
+  "pe_grid_ls4": {
+    "s1": dict(R, total_steps=1200),
+    "common": NS,
+    "pe": "grid",
+    "latent_scale": 4.0,
+    "eval1": [300, 600, 900],
+    "stage1_only": True,
+  },
+  "ls4": {
+    "s1": dict(R, total_steps=1200),
+    "common": NS,
+    "latent_scale": 4.0,
+    "eval1": [300, 600, 900],
+    "stage1_only": True,
+  },
+  "token_grid": {
+    "s1": dict(R, total_steps=1200),
+    "common": NS,
+    "pe": "grid",
+    "latent_scale": 4.0,
+    "token_grid": True,
+    "eval1": [300, 600, 900],
+    "stage1_only": True,
+  },
+  "token_grid_lr2e-3": {
+    "s1": dict(R, total_steps=1200, **{"optim.lr": 2e-3}),
+    "common": NS,
+    "pe": "grid",
+    "latent_scale": 4.0,
+    "token_grid": True,
     "eval1": [300, 600, 900],
     "stage1_only": True,
   },
