@@ -26,10 +26,11 @@ Hardware and what to expect:
   stages 1 + 2 + 3 together take about 15 minutes of training on a 2-core CPU
   (measured: stage 1 at 2.2-2.6 step/s, 1064 s for the whole quickstart).
   Known problem (README, "Training"): the reconstructions do not yet get past
-  the clips' mean colour and mean spectrum (held-out video PSNR ~20.5 dB). Dead-code restarts every 50 steps
-  keep the codebook in use; the slow part is learning the spatial layout
-  (bench/recipe_sweep/). No GAN here: on CPU it costs more than it gives in 1200 steps;
-  stage 3 adds the mel one to the decoder.
+  the clips' mean colour and mean spectrum (held-out video PSNR ~20.5 dB).
+  Dead-code restarts every 50 steps keep the codebook in use; the slow part
+  is learning the spatial layout (bench/recipe_sweep/). No GAN here: on CPU
+  it costs more than it gives in 1200 steps; stage 3 adds the mel one to the
+  decoder.
 * B / L: accelerators (B: one 80 GB GPU or a TPU v4-8; L, the paper's model:
   a TPU pod slice or a multi-GPU node with FSDP, `--config.mesh.fsdp=N`) on
   VGGSound (`--config.data.source=tfds:av_folder`). 100k steps at the global
