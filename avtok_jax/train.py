@@ -187,8 +187,7 @@ def make_train_step(config, models: Models, tx, disc_tx, trainable):
   stochastic = bool(config.model.stochastic_quantization)
   use_prior = config.model.prior_depth > 0 and weights.get("prior", 0.0) > 0
   use_alignment = weights.get("alignment", 0.0) > 0
-  # Dead-code restarts only where the codebook trains (stage 1, vanilla).
-  restart_every = int(config.restart_dead_codes_every) if trainable["quantizer"]["codebook"] else 0
+  restart_every = _restart_every(config, trainable)
 
   def inputs_of(batch):
     return {
@@ -359,6 +358,11 @@ def make_train_step(config, models: Models, tx, disc_tx, trainable):
   return train_step
 
 
+def _restart_every(config, trainable) -> int:
+  """Steps between dead-code restarts; 0 where the codebook does not train (stages 2, 3)."""
+  return int(config.restart_dead_codes_every) if trainable["quantizer"]["codebook"] else 0
+
+
 def restart_dead_codes(params, counts, counts_at_last, z, rng, now):
   """Moves the codebook entries unused since the last restart onto encoder outputs.
 
@@ -439,6 +443,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_vars = jax.eval_shape(models.init, jax.random.key(config.seed))
   abstract_params = _strip_boxes(abstract_vars["params"])
+  trainable = optimizer.trainable_mask(abstract_params, config.param_rules)
   tx = optimizer.make_optimizer(
     config.optim, abstract_params, config.param_rules, config.total_steps
   )
@@ -455,7 +460,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       "codebook_stats": variables["codebook_stats"],
       "opt_state": tx.init(variables["params"]),
     }
-    if config.restart_dead_codes_every:
+    if _restart_every(config, trainable):
       state["restart_counts"] = jnp.zeros_like(
         nn.unbox(variables["codebook_stats"])["quantizer"]["counts"]
       )
@@ -509,9 +514,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
 
   # --- step ---------------------------------------------------------------------
   train_step = jax.jit(
-    make_train_step(
-      config, models, tx, disc_tx, optimizer.trainable_mask(abstract_params, config.param_rules)
-    ),
+    make_train_step(config, models, tx, disc_tx, trainable),
     in_shardings=(state_shardings, batch_sharding),
     out_shardings=(state_shardings, None),
     donate_argnums=(0,),

@@ -61,6 +61,8 @@ input's), the layout is not (spatial_ratio <= 0.25).
 # iteration only.
 # ruff: noqa: B023
 
+import copy
+import functools
 import json
 import os
 import sys
@@ -85,6 +87,7 @@ from avtok_jax import config_lib  # noqa: E402
 NUM_TRAIN, NUM_TEST = int(os.environ.get("NTRAIN", 512)), int(os.environ.get("NTEST", 64))
 
 
+@functools.cache
 def _cfg(stage):
   return config_lib.load_sibling_config(
     os.path.join(ROOT, "configs", "x.py"), f"vfal_stage{stage}"
@@ -230,7 +233,7 @@ def run(out, name, spec):
   params = None
   stats = None
   for stage in (1, 2):
-    config = _cfg(stage)
+    config = copy.deepcopy(_cfg(stage))
     config.init_from = "x"
     for k, v in spec.get("common", {}).items():
       set_path(config, k, v)
@@ -257,7 +260,8 @@ def run(out, name, spec):
       "codebook_stats": stats,
       "opt_state": tx.init(params),
     }
-    if config.restart_dead_codes_every:
+    trainable = optimizer.trainable_mask(abstract, config.param_rules)
+    if train._restart_every(config, trainable):
       state["restart_counts"] = jnp.zeros_like(stats["quantizer"]["counts"])
     if config.gan.enabled:
       state["disc_params"] = nn.unbox(variables["disc_params"])
@@ -266,9 +270,7 @@ def run(out, name, spec):
         m: {"real": jnp.zeros(()), "fake": jnp.zeros(())} for m in config.gan.modalities
       }
     step_fn = jax.jit(
-      train.make_train_step(
-        config, models, tx, disc_tx, optimizer.trainable_mask(abstract, config.param_rules)
-      ),
+      train.make_train_step(config, models, tx, disc_tx, trainable),
       donate_argnums=(0,),
     )
     mods = tuple(config.modalities)
