@@ -20,7 +20,9 @@ events line up across the two streams.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
 import pathlib
 
 import ml_collections
@@ -479,19 +481,51 @@ def loss_weights(*names: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: losses.DEFAULT_WEIGHTS[k] for k in names})
 
 
+def save_config(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
+  """Writes `config` as JSON (references resolved; tuples become lists)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """Reads a config written by `save_config` (lists stay lists; every reader takes either)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"No config file {path}.")
+  try:
+    values = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"Config file {path} is not valid JSON: {e}.") from e
+  if not isinstance(values, dict):
+    raise ValueError(f"Config file {path} does not hold a JSON object.")
+  return ml_collections.ConfigDict(values)
+
+
 def load_sibling_config(config_file: str, name: str):
   """Imports `configs/<name>.py` next to `config_file` by path (configs/ is not a package).
 
   Stage N+1 configs call `load_sibling_config(__file__, 'vfal_stageN').get_config(arg)`
   and edit the result (STYLE.md practice 3).
   """
-  path = pathlib.Path(config_file).resolve().with_name(f"{name}.py")
+  return _import_config_module(pathlib.Path(config_file).resolve().with_name(f"{name}.py"))
+
+
+def _import_config_module(path: pathlib.Path):
   if not path.is_file():
-    raise FileNotFoundError(f"Config {name!r} not found at {path}.")
-  spec = importlib.util.spec_from_file_location(f"_avtok_config_{name}", path)
+    raise FileNotFoundError(f"Config file {path} not found.")
+  spec = importlib.util.spec_from_file_location(f"_avtok_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(ARG)` of a config given as --config takes it: 'configs/x.py[:ARG]'."""
+  path, sep, arg = spec.rpartition(":")
+  if not sep or "/" in arg or arg.endswith(".py"):
+    path, arg = spec, None
+  return _import_config_module(pathlib.Path(path)).get_config(arg)
 
 
 def check_train_config(c: ml_collections.ConfigDict) -> None:

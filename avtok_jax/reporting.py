@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import struct
@@ -40,6 +41,30 @@ METRICS_FILE = "metrics.jsonl"
 # (light enough to tell dark frames apart, dark enough not to glare).
 _SEP = 2
 _SEP_VALUE = 200
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops the INFO chatter of libraries that log through absl (Orbax: ~25 lines per save).
+
+  Their warnings and errors still pass; `--verbosity=1` shows everything.
+  """
+
+  _PREFIXES = ("orbax", "etils", "jax._src")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    from absl import flags
+
+    verbosity = flags.FLAGS.verbosity if flags.FLAGS.is_parsed() else 0
+    if record.levelno >= logging.WARNING or verbosity > 0:
+      return True
+    module = record.pathname.replace("\\", "/")
+    return not any(f"/{p.replace('.', '/')}/" in module for p in self._PREFIXES)
+
+
+def quiet_library_logs() -> None:
+  """Installs `_QuietLibraries` on the root logger's handlers (CLIs call it in main)."""
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
 
 
 def _is_chief(enabled: bool | None) -> bool:
@@ -717,10 +742,38 @@ def write_samples(
   """
   if not _is_chief(enabled):
     return {}
+  return write_sample_folder(
+    os.path.join(os.fspath(out_dir), f"step_{int(step):07d}"),
+    video_in=video_in,
+    video_out=video_out,
+    mel_in=mel_in,
+    mel_out=mel_out,
+    audio_in=audio_in,
+    mel_spec=mel_spec,
+    fps=fps,
+    sample_rate=sample_rate,
+    griffin_lim_iters=griffin_lim_iters,
+  )
+
+
+def write_sample_folder(
+  folder: PathLike,
+  *,
+  video_in: Any = None,
+  video_out: Any = None,
+  mel_in: Any = None,
+  mel_out: Any = None,
+  audio_in: Any = None,
+  mel_spec: Any = None,
+  fps: float | None = None,
+  sample_rate: int | None = None,
+  griffin_lim_iters: int | None = None,
+) -> dict[str, list[str]]:
+  """`write_samples` into `folder` itself (no per-step subfolder); writes on every process."""
   from avtok_jax.data import video_io
 
   written: dict[str, list[str]] = {"video_png": [], "mel_png": [], "input_mp4": [], "recon_mp4": []}
-  folder = os.path.join(os.fspath(out_dir), f"step_{int(step):07d}")
+  folder = os.fspath(folder)
   os.makedirs(folder, exist_ok=True)
 
   get = lambda x: None if x is None else np.asarray(jax.device_get(x))  # noqa: E731

@@ -47,6 +47,10 @@ from avtok_jax.models import tokenizer as tokenizer_lib
 PROJECTOR = "{}_projector"
 
 
+# The run's config as JSON, written into the workdir at start.
+CONFIG_FILE = "config.json"
+
+
 class TrainingError(RuntimeError):
   """Raised when training cannot go on (non-finite loss, bad checkpoint)."""
 
@@ -424,6 +428,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   config_lib.check_train_config(config)
   check_config(config)
   is_main = jax.process_index() == 0
+  if is_main:
+    # What `avtok_jax.evaluate` (and a human) reads back: the exact config of the run.
+    config_lib.save_config(config, os.path.join(workdir, CONFIG_FILE))
 
   # --- mesh -------------------------------------------------------------------
   mesh = sharding.make_mesh(dict(config.mesh))

@@ -3,11 +3,13 @@ r"""Vanilla joint training from scratch: the ablation VFAL is compared with.
 AVTOK.md section 4. Both modalities from the first step, every parameter
 trainable (the AR prior at lr x50 [LARP]), every loss term: both
 reconstruction terms (+ LPIPS when `lpips_weights` is given), GAN on video
-and mel, L_vq, L_prior over [video ; audio], L_rep on both streams.
+and mel (mel only for `small`, as VFAL stage 3), L_vq, L_prior over
+[video ; audio], L_rep on both streams.
 
-It gets the same number of steps as VFAL stages 1 + 2 + 3 together (read
-from those configs, so the budgets stay equal; `tiny` keeps 4 for tests), and its GAN starts at the
-step where the VFAL run's GAN first acts on the same decoder.
+It gets the same number of steps as VFAL stages 1 + 2 + 3 together and the
+discriminators of stage 3 (both read from those configs, so the budgets stay
+equal; `tiny` keeps 4 steps for tests), and its GAN starts at the step where
+the VFAL run's GAN first acts on the same decoder.
 
 Launch:
 
@@ -45,5 +47,9 @@ def get_config(arg: str | None = None):
   config.loss_weights = config_lib.loss_weights()  # every generator term
   config.gan.enabled = True
   config.gan.start_step = GAN_START[args.size]
-  config.gan.modalities = ("video", "audio")
+  # The discriminators VFAL's stage 3 uses (small: mel only; its video
+  # discriminator makes a CPU step ~20x slower), so both runs get the same GAN.
+  config.gan.modalities = config_lib.load_sibling_config(__file__, "vfal_stage3").GAN_MODALITIES[
+    args.size
+  ]
   return config

@@ -261,12 +261,16 @@ def test_later_stages_are_derived_from_earlier_ones(tmp_path):
     assert s1[field].to_dict() == s2[field].to_dict(), field
 
 
-def test_vanilla_gets_the_vfal_budget():
-  steps = {
-    name: _load(CONFIG_DIR / f"{name}.py").get_config("small").total_steps
+@pytest.mark.parametrize("size", ["small", "L"])
+def test_vanilla_gets_the_vfal_budget(size):
+  configs = {
+    name: _load(CONFIG_DIR / f"{name}.py").get_config(size)
     for name in ("vfal_stage1", "vfal_stage2", "vfal_stage3", "vanilla")
   }
+  steps = {name: c.total_steps for name, c in configs.items()}
   assert steps["vanilla"] == steps["vfal_stage1"] + steps["vfal_stage2"] + steps["vfal_stage3"]
+  # ... and the discriminators of stage 3 (small: mel only).
+  assert configs["vanilla"].gan.modalities == configs["vfal_stage3"].gan.modalities
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction and distribution metrics, and the evaluation/report entry point."""
