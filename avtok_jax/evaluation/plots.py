@@ -51,6 +51,17 @@ def _grid(n: int) -> tuple[int, int]:
   return math.ceil(n / cols), cols
 
 
+def _finish(plt, fig, axes, used: int, path: str | os.PathLike) -> str:
+  """Blanks the unused panels, writes the PNG, frees the figure; returns the path."""
+  for ax in list(axes.flat)[used:]:
+    ax.axis("off")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return os.fspath(path)
+
+
 def save_histograms(path: str | os.PathLike, per_clip: Mapping[str, Sequence[float]]) -> str:
   """One histogram per metric of `per_clip` ({key: values}), mean marked; returns the path."""
   items = [(k, np.asarray(v, np.float64)) for k, v in per_clip.items() if len(v)]
@@ -66,13 +77,7 @@ def save_histograms(path: str | os.PathLike, per_clip: Mapping[str, Sequence[flo
     ax.set_xlabel(HISTOGRAM_KEYS.get(key, key))
     ax.set_ylabel("clips")
     ax.legend(fontsize=8)
-  for ax in list(axes.flat)[len(items) :]:
-    ax.axis("off")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return os.fspath(path)
+  return _finish(plt, fig, axes, len(items), path)
 
 
 def save_training_curves(
@@ -96,10 +101,4 @@ def save_training_curves(
     ax.plot(steps, values, marker="o" if len(steps) < 4 else None, color="#4c72b0")
     ax.set_title(key, fontsize=10)
     ax.set_xlabel("step")
-  for ax in list(axes.flat)[len(chosen) :]:
-    ax.axis("off")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return os.fspath(path)
+  return _finish(plt, fig, axes, len(chosen), path)
