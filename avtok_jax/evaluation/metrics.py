@@ -510,13 +510,18 @@ def frechet_distance(
 def frechet_distance_from_features(features1: ArrayLike, features2: ArrayLike) -> float:
   """`frechet_distance` of the `feature_statistics` of two feature sets [N1, D], [N2, D].
 
-  Computed without a D x D matrix square root: with the centred features A
-  [N1, D] and B [N2, D], sigma1 = A^T A / (N1 - 1) and sigma2 = B^T B / (N2 - 1),
-  the non-zero eigenvalues of sigma1 sigma2 are the squared singular values
-  of A B^T / sqrt((N1 - 1)(N2 - 1)), so Tr (sigma1 sigma2)^(1/2) is the sum
-  of those singular values (the nuclear norm). Exact (no eps, no imaginary
-  part to drop) and cheap when there are fewer clips than dimensions, the
-  usual case for 400-d I3D logits; it equals `frechet_distance` on the same
+  Computed without the general (non-symmetric) matrix square root, through
+  whichever of two exact symmetric forms is smaller:
+
+  * fewer clips than dimensions (the usual case for 400-d I3D logits): with
+    the centred features A [N1, D] and B [N2, D], sigma1 = A^T A / (N1 - 1)
+    and sigma2 = B^T B / (N2 - 1), the non-zero eigenvalues of sigma1 sigma2
+    are the squared singular values of A B^T / sqrt((N1 - 1)(N2 - 1)), so
+    Tr (sigma1 sigma2)^(1/2) is the sum of those singular values;
+  * otherwise Tr (sigma1 sigma2)^(1/2) = Tr (s1 sigma2 s1)^(1/2) with the
+    symmetric root s1 = sigma1^(1/2) (both from `eigh`, D x D).
+
+  No eps and no imaginary part to drop; equals `frechet_distance` on the same
   statistics (tested).
   """
   mu1, sigma1 = feature_statistics(features1)
@@ -525,8 +530,15 @@ def frechet_distance_from_features(features1: ArrayLike, features2: ArrayLike) -
     raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}.")
   a = np.asarray(jax.device_get(features1), np.float64) - mu1
   b = np.asarray(jax.device_get(features2), np.float64) - mu2
-  cross = (a @ b.T) / math.sqrt((a.shape[0] - 1) * (b.shape[0] - 1))
-  tr_covmean = float(np.sum(np.linalg.svd(cross, compute_uv=False)))
+  dim = mu1.shape[0]
+  if a.shape[0] * b.shape[0] <= dim * dim:
+    cross = (a @ b.T) / math.sqrt((a.shape[0] - 1) * (b.shape[0] - 1))
+    tr_covmean = float(np.sum(np.linalg.svd(cross, compute_uv=False)))
+  else:
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    tr_covmean = float(np.sum(np.sqrt(np.clip(inner, 0.0, None))))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
