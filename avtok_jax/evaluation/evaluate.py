@@ -281,7 +281,8 @@ def _pretrained(options: Options, config: ml_collections.ConfigDict, modalities)
     if options.rfvd:
       from avtok_jax.pretrained import i3d
 
-      nets["i3d"] = i3d.I3DFeatures(batch_size=min(8, max(options.batch_size, 1)))
+      # One clip per call is the fastest per clip on a CPU (1.3 vs 1.6 CPU-s at 4).
+      nets["i3d"] = i3d.I3DFeatures(batch_size=1 if jax.default_backend() == "cpu" else 8)
     else:
       nets["i3d"] = "not computed (--rfvd=false)"
   if "audio" not in modalities:

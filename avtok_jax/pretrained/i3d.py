@@ -405,9 +405,18 @@ def preprocess(videos: jax.Array) -> jax.Array:
   return x
 
 
+# Two programs, so that the network (the expensive compile) is shared by every
+# input size that preprocesses to the same [B, 16, 224, 224, 3].
+_preprocess = jax.jit(preprocess)
+
+
 @jax.jit
+def _forward(variables: dict, x: jax.Array) -> jax.Array:
+  return InceptionI3d().apply(variables, x)
+
+
 def _features(variables: dict, videos: jax.Array) -> jax.Array:
-  return InceptionI3d().apply(variables, preprocess(videos))
+  return _forward(variables, _preprocess(videos))
 
 
 class I3DFeatures:
