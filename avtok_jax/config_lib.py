@@ -481,6 +481,10 @@ def loss_weights(*names: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: losses.DEFAULT_WEIGHTS[k] for k in names})
 
 
+# The run's config as JSON in its workdir: the trainer writes it, evaluation reads it.
+RUN_CONFIG_FILE = "config.json"
+
+
 def save_config(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
   """Writes `config` as JSON (references resolved; tuples become lists)."""
   path = pathlib.Path(path)

@@ -690,19 +690,7 @@ def _playable(wave: np.ndarray) -> np.ndarray:
 
 
 def write_samples(
-  out_dir: PathLike,
-  step: int,
-  *,
-  video_in: Any = None,
-  video_out: Any = None,
-  mel_in: Any = None,
-  mel_out: Any = None,
-  audio_in: Any = None,
-  mel_spec: Any = None,
-  fps: float | None = None,
-  sample_rate: int | None = None,
-  griffin_lim_iters: int | None = None,
-  enabled: bool | None = None,
+  out_dir: PathLike, step: int, *, enabled: bool | None = None, **arrays_and_rates: Any
 ) -> dict[str, list[str]]:
   """Writes pictures and sounding clips of inputs vs reconstructions for one step.
 
@@ -726,6 +714,7 @@ def write_samples(
   Args:
     out_dir: parent directory of the per-step folders.
     step: training step (names the folder).
+    **arrays_and_rates: the keyword arguments of `write_sample_folder`:
     video_in, video_out: [N, T, H, W, 3], float in [-1, 1] or uint8.
     mel_in, mel_out: normalised mels [N, F, L].
     audio_in: original waveforms [N, S] in [-1, 1].
@@ -743,16 +732,7 @@ def write_samples(
   if not _is_chief(enabled):
     return {}
   return write_sample_folder(
-    os.path.join(os.fspath(out_dir), f"step_{int(step):07d}"),
-    video_in=video_in,
-    video_out=video_out,
-    mel_in=mel_in,
-    mel_out=mel_out,
-    audio_in=audio_in,
-    mel_spec=mel_spec,
-    fps=fps,
-    sample_rate=sample_rate,
-    griffin_lim_iters=griffin_lim_iters,
+    os.path.join(os.fspath(out_dir), f"step_{int(step):07d}"), **arrays_and_rates
   )
 
 

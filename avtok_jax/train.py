@@ -47,10 +47,6 @@ from avtok_jax.models import tokenizer as tokenizer_lib
 PROJECTOR = "{}_projector"
 
 
-# The run's config as JSON, written into the workdir at start.
-CONFIG_FILE = "config.json"
-
-
 class TrainingError(RuntimeError):
   """Raised when training cannot go on (non-finite loss, bad checkpoint)."""
 
@@ -430,7 +426,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   is_main = jax.process_index() == 0
   if is_main:
     # What `avtok_jax.evaluate` (and a human) reads back: the exact config of the run.
-    config_lib.save_config(config, os.path.join(workdir, CONFIG_FILE))
+    config_lib.save_config(config, os.path.join(workdir, config_lib.RUN_CONFIG_FILE))
 
   # --- mesh -------------------------------------------------------------------
   mesh = sharding.make_mesh(dict(config.mesh))

@@ -56,7 +56,6 @@ from avtok_jax.models import MODALITIES, build_tokenizer
 from avtok_jax.models import tokenizer as tokenizer_lib
 
 NOT_CONFIGURED = "not configured"
-CONFIG_FILE = "config.json"  # as train.CONFIG_FILE (not imported: train pulls in the trainer)
 DATA_KINDS = ("synthetic", "config", "av_folder:PATH")
 
 
@@ -97,12 +96,12 @@ class Options:
 
 def load_run_config(workdir: str, config_file: str = "") -> ml_collections.ConfigDict:
   """The run's config: `workdir/config.json`, else the given config file."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = os.path.join(workdir, config_lib.RUN_CONFIG_FILE)
   if os.path.isfile(path):
     return config_lib.load_config(path)
   if not config_file:
     raise FileNotFoundError(
-      f"{workdir} has no {CONFIG_FILE} (written by runs since 2026-11-26); pass the config it was "
+      f"{workdir} has no {config_lib.RUN_CONFIG_FILE} (written by runs since 2026-11-26); pass the config it was "
       "trained with, e.g. --config=configs/vfal_stage3.py:small."
     )
   return config_lib.load_config_file(config_file)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from avtok_jax import checkpointing, config_lib, reporting, train
+from avtok_jax import checkpointing, config_lib, reporting
 from avtok_jax.data import synthetic, video_io
 from avtok_jax.evaluation import evaluate, plots, report
 from avtok_jax.models import build_tokenizer
@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
   only repeat tests/test_train.py) and TensorBoard scalars."""
   workdir = tmp_path_factory.mktemp("vanilla")
   config = config_lib.load_config_file(str(ROOT / "configs" / "vanilla.py") + ":tiny")
-  config_lib.save_config(config, workdir / train.CONFIG_FILE)
+  config_lib.save_config(config, workdir / config_lib.RUN_CONFIG_FILE)
   tokenizer = build_tokenizer(config.model, config.data)
   init = jax.jit(lambda rng: tokenizer.init(rng, **tokenizer.example_inputs(1), train=False))
   variables = nn.unbox(init(jax.random.key(0)))
