@@ -1,17 +1,22 @@
-r"""Command line: train one VFAL phase.
+r"""Command line: train one VFAL phase, or an AR generator on a token set.
 
   python -m avtok_jax.main --config=configs/vfal_stage1.py:small --workdir=workdir/stage1
   python -m avtok_jax.main --config=configs/vfal_stage2.py:small --workdir=workdir/stage2 \
       --config.init_from=workdir/stage1
 
-Any config value can be overridden with --config.key=value. Re-running the
-same command resumes from the workdir's latest checkpoint.
+  python -m avtok_jax.main --config=configs/ar_a2v.py:small --workdir=workdir/ar_a2v \
+      --config.tokens_dir=workdir/tokens
+
+Configs with `trainer = 'ar'` (configs/ar_*.py) go to `train_ar.run`, all
+others to the tokenizer trainer `train.run`. Any config value can be
+overridden with --config.key=value. Re-running the same command resumes from
+the workdir's latest checkpoint.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from avtok_jax import reporting, train
+from avtok_jax import reporting, train, train_ar
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Phase config file (configs/*.py[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -22,7 +27,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   reporting.quiet_library_logs()
-  train.run(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  if config.get("trainer") == train_ar.TRAINER:
+    train_ar.run(config, _WORKDIR.value)
+  else:
+    train.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny tokenizer workdir and a token folder made from it (built once per session).
+
+The workdir is what the trainer leaves (config.json of `configs/vanilla.py:tiny`
+and a step-2 checkpoint), with random variables in the model's real shapes
+instead of trained ones: two real trainer steps cost ~3 min on the 2-core
+CPU, this ~5 s. The spread (N(0, 0.2), LayerNorm scales around 1) is large
+enough that different clips get different codes. Tests must not write into
+either folder (copy it first).
+"""
+
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avtok_jax import checkpointing, config_lib
+from avtok_jax.models import build_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_tokenizer_workdir(workdir: pathlib.Path):
+  """Writes a tiny vanilla tokenizer workdir into `workdir`; returns its config."""
+  config = config_lib.load_config_file(str(ROOT / "configs" / "vanilla.py") + ":tiny")
+  config_lib.save_config(config, workdir / config_lib.RUN_CONFIG_FILE)
+  tokenizer = build_tokenizer(config.model, config.data)
+  abstract = jax.eval_shape(
+    lambda rng: tokenizer.init(rng, **tokenizer.example_inputs(1), train=False), jax.random.key(0)
+  )
+  abstract = jax.tree.map(
+    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+    abstract,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
+  rng = np.random.default_rng(0)
+
+  def fill(path, x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return jnp.zeros(x.shape, x.dtype)
+    value = rng.normal(0.0, 0.2, x.shape)
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      value += 1.0
+    return jnp.asarray(value, x.dtype)
+
+  state = {"step": np.int32(2), **jax.tree_util.tree_map_with_path(fill, abstract)}
+  with checkpointing.Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
+    ckpt.save(2, state)
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+  path = tmp_path_factory.mktemp("tiny_tokenizer")
+  make_tokenizer_workdir(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tiny_tokenizer_dir, tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+  """(tokenizer workdir, token folder with 8 'train' and 4 'test' built-in clips)."""
+  from avtok_jax import tokenize_dataset
+
+  out = tmp_path_factory.mktemp("tiny_tokens")
+  for split, n in (("train", 8), ("test", 4)):
+    options = tokenize_dataset.Options(num_clips=n, batch_size=4, split=split)
+    tokenize_dataset.run(str(tiny_tokenizer_dir), str(out), options)
+  return tiny_tokenizer_dir, out
