@@ -93,6 +93,7 @@ def test_train_generate_and_evaluate(task, tiny_tokens, tmp_path):
     assert 0.0 <= scores[f"generated/class_accuracy_{m}"] <= 1.0
     assert np.isfinite(scores[f"generated/fd_{m}"])
   assert scores["real/class_accuracy_video"] >= 0.0
+  assert 0.0 <= scores["generated/token_probe_accuracy"] <= 1.0
   assert (tmp_path / "eval" / "report.md").read_text().count("|") > 10
 
 
