@@ -35,6 +35,7 @@ import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -412,6 +413,50 @@ def restore_params_partial(
 # ----------------------------------------------------------------------------
 # Preemption.
 # ----------------------------------------------------------------------------
+
+
+def saved_step(workdir: str | os.PathLike, step: int | None = None) -> tuple[str, int]:
+  """(checkpoint directory, step) of a training workdir: its latest step, or `step` if saved.
+
+  Raises FileNotFoundError (no `workdir/checkpoints`, or nothing finished in
+  it) or ValueError (`step` was not saved), each naming the folder.
+  """
+  workdir = os.fspath(workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No checkpoints in {workdir} (looked for {directory}).")
+  with Checkpointer(directory) as ckpt:
+    steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
+  if step is None:
+    return directory, steps[-1]
+  if step not in steps:
+    raise ValueError(f"No checkpoint of step {step} in {directory}; saved steps: {steps}.")
+  return directory, int(step)
+
+
+def restore_complete(
+  directory: str | os.PathLike, abstract: Any, *, step: int, item_path: tuple[str, ...], what: str
+) -> Any:
+  """Every leaf of `abstract` (e.g. `jax.eval_shape(init)[collection]`, boxed or not) from a checkpoint.
+
+  Unlike `restore_params_partial` nothing may stay fresh: a leaf the
+  checkpoint lacks raises ValueError naming `what` and the first paths.
+  """
+  target = jax.tree.map(
+    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+    abstract,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
+  restored, _, missing = restore_params_partial(directory, target, step=step, item_path=item_path)
+  if missing:
+    missing = sorted(missing)
+    raise ValueError(
+      f"Checkpoint {os.fspath(directory)}/{step} lacks {what} {', '.join(missing[:5])}"
+      f"{' ...' if len(missing) > 5 else ''}: is config.json the config it was trained with?"
+    )
+  return restored
 
 
 class PreemptionHandler:

@@ -40,7 +40,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -123,9 +122,7 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None) -> Token
   workdir = os.path.abspath(os.fspath(workdir))
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"Tokenizer workdir {workdir} does not exist.")
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoints in {workdir} (looked for {directory}).")
+  directory, step = checkpointing.saved_step(workdir, step)
   config = evaluate.load_run_config(workdir)
   modalities = tuple(config.get("modalities", ()))
   if set(modalities) != {"video", "audio"}:
@@ -134,34 +131,20 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None) -> Token
       f"{config.get('stage', '?')}); tokens need one trained on video and audio "
       "(VFAL stage 3 or vanilla)."
     )
-  with checkpointing.Checkpointer(directory) as ckpt:
-    steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ValueError(f"No checkpoint of step {step} in {directory}; saved steps: {steps}.")
   module = build_tokenizer(config.model, config.data)
   abstract = jax.eval_shape(
     lambda rng: module.init(rng, **module.example_inputs(1), train=False), jax.random.key(0)
   )
-  variables = {}
-  for collection in ("params", "codebook_stats"):
-    target = jax.tree.map(
-      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+  variables = {
+    collection: checkpointing.restore_complete(
+      directory,
       abstract[collection],
-      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+      step=step,
+      item_path=(collection,),
+      what=f"tokenizer {collection}",
     )
-    variables[collection], _, missing = checkpointing.restore_params_partial(
-      directory, target, step=step, item_path=(collection,)
-    )
-    if missing:
-      raise ValueError(
-        f"Checkpoint {directory}/{step} lacks tokenizer {collection} "
-        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
-        "is config.json the config it was trained with?"
-      )
+    for collection in ("params", "codebook_stats")
+  }
   c = config.data
   video_shape = (c.num_frames, c.height, c.width, 3)
   mel_shape = (c.mel.n_mels, config_lib.num_mel_frames(c))

@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -113,32 +112,22 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, step: int | 
   Every tokenizer parameter must come from the checkpoint; the trainer's
   other parameters (projectors, discriminators) are ignored.
   """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoints in {workdir} (looked for {directory}).")
-  with checkpointing.Checkpointer(directory) as ckpt:
-    steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ValueError(f"No checkpoint of step {step} in {directory}; saved steps: {steps}.")
+  directory, step = checkpointing.saved_step(workdir, step)
   tokenizer = build_tokenizer(config.model, config.data)
-  # One compiled init (eager init compiles every small op separately: ~40 s on a CPU).
-  init = jax.jit(lambda rng: tokenizer.init(rng, **tokenizer.example_inputs(1), train=False))
-  fresh = nn.unbox(init(jax.random.key(0)))
-  variables = {}
-  for collection in ("params", "codebook_stats"):
-    variables[collection], _, missing = checkpointing.restore_params_partial(
-      directory, fresh[collection], step=step, item_path=(collection,)
+  # Shapes only: restoring into a compiled init would compute values that are thrown away.
+  abstract = jax.eval_shape(
+    lambda rng: tokenizer.init(rng, **tokenizer.example_inputs(1), train=False), jax.random.key(0)
+  )
+  variables = {
+    collection: checkpointing.restore_complete(
+      directory,
+      abstract[collection],
+      step=step,
+      item_path=(collection,),
+      what=f"tokenizer {collection}",
     )
-    if missing:
-      raise ValueError(
-        f"Checkpoint {directory}/{step} lacks tokenizer {collection} "
-        f"{', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''}: "
-        "is the config the one it was trained with?"
-      )
+    for collection in ("params", "codebook_stats")
+  }
   return tokenizer, variables, int(step)
 
 

@@ -107,25 +107,11 @@ def load_generator(generator_dir: str, step: int | None = None, tokens_dir: str 
     config.tokens_dir = tokens_dir
   meta = tokens_lib.read_metadata(config.tokens_dir)
   task = train_ar.Task(config, meta)
-  directory = os.path.join(generator_dir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoints in {generator_dir} (looked for {directory}).")
-  with checkpointing.Checkpointer(directory) as ckpt:
-    steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ValueError(f"No checkpoint of step {step} in {directory}; saved steps: {steps}.")
-  fresh = jax.jit(lambda r: task.init(r)["params"])(jax.random.key(0))
-  fresh = jax.tree.map(
-    lambda x: x.value if hasattr(x, "names") else x, fresh, is_leaf=lambda x: hasattr(x, "names")
+  directory, step = checkpointing.saved_step(generator_dir, step)
+  abstract = jax.eval_shape(task.init, jax.random.key(0))["params"]
+  params = checkpointing.restore_complete(
+    directory, abstract, step=step, item_path=("params",), what="generator params"
   )
-  params, _, missing = checkpointing.restore_params_partial(directory, fresh, step=step)
-  if missing:
-    raise ValueError(
-      f"Checkpoint {directory}/{step} lacks generator parameters {sorted(missing)[:5]}."
-    )
   return config, task, params, int(step)
 
 
