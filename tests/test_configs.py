@@ -25,11 +25,16 @@ def test_there_are_configs():
 # The argument each config file takes: data.py a data preset, every training
 # config a model size.
 DATA_ONLY = {"data.py"}
-TRAIN_CONFIGS = sorted(p for p in CONFIG_FILES if p.name not in DATA_ONLY)
+# Generator configs (configs/ar_*.py, trainer 'ar') take a generator size and
+# have their own schema: tested below and in tests/test_train_ar.py.
+AR_CONFIGS = sorted(p for p in CONFIG_FILES if p.name.startswith("ar_"))
+TRAIN_CONFIGS = sorted(p for p in CONFIG_FILES if p.name not in DATA_ONLY and p not in AR_CONFIGS)
 
 
 def _cases():
   for path in CONFIG_FILES:
+    if path in AR_CONFIGS:
+      continue
     presets = config_lib.DATA_PRESETS if path.name in DATA_ONLY else config_lib.MODEL_PRESETS
     for preset in presets:
       yield pytest.param(path, preset, id=f"{path.name}:{preset}")
@@ -211,6 +216,27 @@ def test_sizes_and_batches():
   # The paper's model and data for L [paper/LARP].
   big = stage1.get_config("L")
   assert (big.model.width, big.data.num_frames, big.data.height) == (768, 16, 128)
+
+
+@pytest.mark.parametrize("path", AR_CONFIGS, ids=lambda p: p.name)
+def test_generator_configs(path):
+  from avtok_jax import train_ar
+  from avtok_jax.models import generator
+
+  assert len(AR_CONFIGS) == 3
+  text = path.read_text()
+  assert (
+    text.lstrip().startswith('r"""') and "--workdir=" in text and "--config.tokens_dir=" in text
+  )
+  module = _load(path)
+  for size in generator.GENERATOR_PRESETS:
+    config = module.get_config(size)
+    assert config.trainer == train_ar.TRAINER and config.size == size
+    assert config.task == path.stem.removeprefix("ar_")
+  with pytest.raises(ValueError, match="Unknown generator size 'huge'"):
+    module.get_config("huge")
+  with pytest.raises(ValueError, match="Unknown config argument 'steps'"):
+    module.get_config("tiny,steps=3")
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
