@@ -37,6 +37,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -476,12 +477,13 @@ class PreemptionHandler:
   step (or an Orbax write) in half. The previous handlers come back on exit.
   Must be entered on the main thread (a Python rule for signal handlers).
 
-  Multi-host: the signal reaches hosts at different steps, yet all must save
-  the same step. Extend `requested` to agree across hosts, e.g. every few
-  steps `multihost_utils.process_allgather(flag).any()`, or with
-  `jax.distributed` preemption service, `multihost_utils.
-  reached_preemption_sync_point(step)` (which Orbax's
-  `CheckpointManager.reached_preemption` wraps).
+  Multi-host: the signal reaches hosts at different steps (or only some
+  hosts), yet all must save the same step and leave together. The trainers
+  therefore ask `should_stop(sync=...)` rather than read `requested`: with
+  one process it is the flag; with several, every process contributes its
+  flag at the same steps (`sync=True`: the log steps, where the loop syncs
+  with the host anyway) through `multihost_utils.process_allgather`, and all
+  stop if any was signalled. Between sync steps it answers False.
   """
 
   def __init__(self, *, sigint: bool = False):
@@ -489,6 +491,17 @@ class PreemptionHandler:
     self.signum: int | None = None
     self._signals = [signal.SIGTERM] + ([signal.SIGINT] if sigint else [])
     self._previous: dict[int, Any] = {}
+
+  def should_stop(self, *, sync: bool) -> bool:
+    """Whether every process stops after this step (see the class docstring)."""
+    if jax.process_count() == 1:
+      return self.requested
+    if not sync:
+      return False
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
 
   def _handle(self, signum: int, frame: types.FrameType | None) -> None:
     del frame

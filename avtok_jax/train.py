@@ -414,10 +414,17 @@ def make_eval_fn(config, models: Models):
 # ----------------------------------------------------------------------------- run
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  stop_after: int | None = None,
+) -> dict[str, float]:
   """Trains one phase in `workdir`; resumes from its latest checkpoint if there is one.
 
-  Returns the last logged metrics (floats).
+  `stop_after`: end this invocation after that step with a checkpoint (the
+  schedule still runs to `config.total_steps`; rerun to continue), e.g. for a
+  queue's time limit. Returns the last logged metrics (floats).
   """
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -541,7 +548,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       state, device_metrics = train_step(state, batch)
       done = step + 1
       last = done == config.total_steps
-      if done % config.log_every == 0 or last or preemption.requested:
+      stop = preemption.should_stop(sync=done % config.log_every == 0) or done == stop_after
+      if done % config.log_every == 0 or last or stop:
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         _stop_if_not_finite(metrics, done)
         metrics["frozen_checksum"] = float(frozen_checksum(state["params"]))
@@ -555,10 +563,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       progress.update(done, _headline(metrics) if done % config.log_every == 0 or last else None)
       if done % config.sample_every == 0 or last:
         _write_samples(config, models, eval_fn, state, batch, workdir, done)
-      if done % config.checkpoint_every == 0 or last or preemption.requested:
+      if done % config.checkpoint_every == 0 or last or stop:
         ckpt.save(done, state, data_state=train_iter.get_state(), force=True)
-      if preemption.requested:
-        logging.warning("Preemption requested: saved step %d, exiting.", done)
+      if stop and not last:
+        reason = "stop_after" if done == stop_after else "Preemption requested"
+        logging.warning("%s: saved step %d, exiting.", reason, done)
         break
   ckpt.close()
   writer.close()

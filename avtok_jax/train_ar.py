@@ -229,8 +229,16 @@ def _strip_boxes(tree: Any) -> Any:
   )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
-  """Trains a generator in `workdir`; resumes from its latest checkpoint. Returns the last metrics."""
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  stop_after: int | None = None,
+) -> dict[str, float]:
+  """Trains a generator in `workdir`; resumes from its latest checkpoint. Returns the last metrics.
+
+  `stop_after`: end this invocation after that step with a checkpoint (as `train.run`).
+  """
   workdir = os.fspath(workdir)
   meta = tokens_lib.read_metadata(config.tokens_dir) if config.tokens_dir else {}
   check_config(config, meta)
@@ -326,7 +334,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       state, device_metrics = train_step(state, batch)
       done = step + 1
       last = done == config.total_steps
-      if done % config.log_every == 0 or last or preemption.requested:
+      stop = preemption.should_stop(sync=done % config.log_every == 0) or done == stop_after
+      if done % config.log_every == 0 or last or stop:
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
         if bad:
@@ -346,10 +355,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       )
       if samples is not None and (done % config.sample_every == 0 or last):
         samples.write(state["params"], done)
-      if done % config.checkpoint_every == 0 or last or preemption.requested:
+      if done % config.checkpoint_every == 0 or last or stop:
         ckpt.save(done, state, data_state=train_iter.get_state(), force=True)
-      if preemption.requested:
-        logging.warning("Preemption requested: saved step %d, exiting.", done)
+      if stop and not last:
+        reason = "stop_after" if done == stop_after else "Preemption requested"
+        logging.warning("%s: saved step %d, exiting.", reason, done)
         break
   ckpt.close()
   writer.close()

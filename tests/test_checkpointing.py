@@ -223,7 +223,7 @@ def test_preemption_handler_sets_flag_and_restores_handlers():
 
 def test_sharded_save_restores_onto_other_shardings(tmp_path):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
   proc = subprocess.run(

@@ -155,7 +155,9 @@ def test_kill_and_resume_continues_exactly(stage1, tmp_path, monkeypatch):
   workdir = tmp_path / "interrupted"
 
   class FakePreemption:
-    requested = False
+    """SIGTERM arrives during step 1 (not a checkpoint step): the first poll says stop."""
+
+    polls = 0
 
     def __enter__(self):
       return self
@@ -163,16 +165,12 @@ def test_kill_and_resume_continues_exactly(stage1, tmp_path, monkeypatch):
     def __exit__(self, *exc):
       return False
 
-  fake = FakePreemption()
-  monkeypatch.setattr(train.checkpointing, "PreemptionHandler", lambda: fake)
-  update = reporting.Progress.update
+    def should_stop(self, *, sync):
+      del sync
+      self.polls += 1
+      return self.polls == 1
 
-  def update_and_preempt(self, step, metrics=None):
-    if step == 1:  # SIGTERM arrives during step 1 (not on a checkpoint step)
-      fake.requested = True
-    return update(self, step, metrics)
-
-  monkeypatch.setattr(reporting.Progress, "update", update_and_preempt)
+  monkeypatch.setattr(train.checkpointing, "PreemptionHandler", FakePreemption)
   train.run(config, workdir)
   assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 1
   monkeypatch.undo()
@@ -206,7 +204,11 @@ print("RESULT " + json.dumps(out))
 
 def test_multi_device_meshes_match_one_device(stage1, tmp_path):
   _, reference_dir, _ = stage1
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    PYTHONPATH=str(ROOT),
+  )
   proc = subprocess.run(
     [sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(tmp_path)],
     cwd=ROOT,

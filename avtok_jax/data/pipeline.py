@@ -2,8 +2,9 @@
 
 Order (STYLE.md practice 13, after flax `examples/gemma/input_pipeline_grain.py`):
 
-  MapDataset.source -> shuffle -> repeat -> [process_index::process_count]
-    -> random_map(preprocess) -> batch -> to_iter_dataset -> mp_prefetch
+  MapDataset.source -> shuffle -> repeat -> random_map(preprocess)
+    -> ProcessBlocks (this process' block of each global batch) -> batch
+    -> to_iter_dataset -> mp_prefetch
 
 Training shuffles (one global permutation per epoch, reseeded each epoch),
 repeats forever and drops nothing but the shard's remainder at the end of the
@@ -12,7 +13,8 @@ masked copies of example 0 up to a multiple of the global batch, so that every
 process gets the same number of full batches (`mask` marks the real ones).
 
 Per-example randomness (crop offsets, flips) comes from the generator Grain
-derives from (seed, process index) and the example's position, so a restored
+derives from the seed and the example's global position, so the batches do
+not depend on the number of processes, and a restored
 iterator state (`get_state()` / `set_state()`) continues with exactly the
 batches an uninterrupted run would have produced. The batches do not depend
 on `num_workers` either, except that the log-mel may differ in the last float
@@ -246,10 +248,12 @@ def make_dataset(
     if data_config.shuffle:
       ds = ds.shuffle(seed=seed)
     ds = ds.repeat(None)
-  ds = ds[process_index::process_count]
-  # Different per process, so that processes do not draw identical augmentations.
-  map_seed = int(np.random.SeedSequence([seed, process_index, 1]).generate_state(1)[0])
+  # The random map sees the global stream, so an example's crop and flip
+  # depend on its global position only (not on which process reads it); then
+  # each process takes its contiguous block of every global batch.
+  map_seed = int(np.random.SeedSequence([seed, 0, 1]).generate_state(1)[0])
   ds = ds.random_map(Preprocess(data_config, train=train), seed=map_seed)
+  ds = ProcessBlocks(ds, local_batch, process_index, process_count)
   ds = ds.batch(local_batch, drop_remainder=train)
   read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES)
   ds = ds.to_iter_dataset(read_options)
@@ -262,6 +266,42 @@ def make_dataset(
       worker_init_fn=_init_worker,
     )
   return ds
+
+
+class ProcessBlocks(grain.MapDataset):
+  """This process' share of every global batch: a contiguous block of `block` examples.
+
+  Global batch b holds examples [b * G, (b + 1) * G) with G = block * count;
+  process p reads [b * G + p * block, b * G + (p + 1) * block). With
+  `jax.make_array_from_process_local_data` (process p's devices hold rows
+  p * block ..) the global batch is then the same array, in the same row
+  order, whatever the number of processes: a 2-host run sees exactly the
+  batches of a 1-host run (tested in tests/test_multiprocess.py). Only whole
+  global batches are kept (train streams are infinite; eval sources are
+  padded to whole batches first).
+  """
+
+  def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+    super().__init__(parent)
+    if block < 1 or not 0 <= index < count:
+      raise ValueError(f"ProcessBlocks: block={block}, index={index}, count={count} do not fit.")
+    self._block, self._index, self._count = block, index, count
+    self._length = len(parent) // (block * count) * block
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, index: int) -> int:
+    batch, offset = divmod(index, self._block)
+    return (batch * self._count + self._index) * self._block + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"ProcessBlocks(block={self._block}, process={self._index} of {self._count})"
 
 
 def make_iterator(

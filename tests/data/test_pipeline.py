@@ -139,6 +139,21 @@ def test_processes_get_disjoint_examples():
     )
 
 
+def test_global_batches_do_not_depend_on_process_count():
+  # Process p's batch is rows [p*B/2, (p+1)*B/2) of the 1-process batch, crops and flips
+  # included: a 2-host run trains on exactly the batches of a 1-host run.
+  c = _config(batch_size=4)
+  one = _take(pipeline.make_iterator(c, "train", train=True, process_index=0, process_count=1), 3)
+  two = [
+    _take(pipeline.make_iterator(c, "train", train=True, process_index=p, process_count=2), 3)
+    for p in range(2)
+  ]
+  for step, batch in enumerate(one):
+    for key in ("video_patches", "mel_patches", "label"):
+      joined = np.concatenate([two[0][step][key], two[1][step][key]])
+      np.testing.assert_array_equal(joined, batch[key])
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_from_iterator_state(num_workers):
   c = _config(num_workers=num_workers)

@@ -155,7 +155,11 @@ tokenize_dataset.run(sys.argv[1], sys.argv[2], options)
 
 def test_multi_device_encoding_equals_single_device(workdir, token_dir, tmp_path):
   out, _ = token_dir
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+    PYTHONPATH=str(ROOT),
+  )
   proc = subprocess.run(
     [sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(workdir), str(tmp_path / "tokens4")],
     cwd=ROOT,

@@ -200,7 +200,10 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_logits_shard_over_vocab_on_4_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+  )
   env["JAX_PLATFORMS"] = "cpu"
   out = subprocess.run(
     [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300

@@ -22,7 +22,7 @@ K, D, B, L = 64, 8, 4, 6  # As in the check script.
 def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("quantizer_sharded")
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
   proc = subprocess.run(
