@@ -230,31 +230,7 @@ def tokenizer_setup(config: ml_collections.ConfigDict, mesh) -> TrainerSetup:
     config.optim, abstract_params, config.param_rules, config.total_steps
   )
   disc_tx = train._make_disc_optimizer(config) if config.gan.enabled else None
-  restart = train._restart_every(config, trainable)
-
-  # The state of `train.run`'s init_state (keep the two in step).
-  def init_state(rng_data):
-    rng = jax.random.wrap_key_data(rng_data)
-    variables = models.init(rng)
-    state = {
-      "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
-      "params": variables["params"],
-      "codebook_stats": variables["codebook_stats"],
-      "opt_state": tx.init(variables["params"]),
-    }
-    if restart:
-      state["restart_counts"] = jnp.zeros_like(
-        nn.unbox(variables["codebook_stats"])["quantizer"]["counts"]
-      )
-    if config.gan.enabled:
-      state["disc_params"] = variables["disc_params"]
-      state["disc_opt_state"] = disc_tx.init(variables["disc_params"])
-      state["lecam_ema"] = {
-        m: {"real": jnp.zeros(()), "fake": jnp.zeros(())} for m in config.gan.modalities
-      }
-    return state
-
+  init_state = train.make_init_state(config, models, tx, disc_tx, trainable)
   abstract_state, state_shardings, boxed_state = _abstract_state(init_state, config.seed, mesh)
   tok = models.tokenizer
   batch = config.data.batch_size
@@ -344,16 +320,7 @@ def ar_setup(config: ml_collections.ConfigDict, mesh) -> TrainerSetup:
     config.optim, abstract_params, config.param_rules, config.total_steps
   )
 
-  # The state of `train_ar.run`'s init_state (keep the two in step).
-  def init_state(rng_data):
-    rng = jax.random.wrap_key_data(rng_data)
-    params = task.init(rng)["params"]
-    return {
-      "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
-      "params": params,
-      "opt_state": tx.init(params),
-    }
+  init_state = train_ar.make_init_state(task, tx)
 
   abstract_state, state_shardings, boxed_state = _abstract_state(init_state, config.seed, mesh)
   batch = config.batch_size

@@ -414,6 +414,41 @@ def make_eval_fn(config, models: Models):
 # ----------------------------------------------------------------------------- run
 
 
+def make_init_state(config, models, tx, disc_tx, trainable):
+  """`init_state(rng_data) -> state`: the tokenizer trainer's train state from a key's data.
+
+  Boxed (logically named) params and optimizer states, so that `jax.eval_shape`
+  of it gives the shardings (`sharding.state_shardings`); `run` and the memory
+  planner (`avtok_jax/plan.py`) build the state through this one function.
+  """
+  restart = _restart_every(config, trainable)
+
+  def init_state(rng_data):
+    rng = jax.random.wrap_key_data(rng_data)
+    variables = models.init(rng)
+    # Optimizer states of boxed params stay boxed, so they shard like the params.
+    state = {
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+      "params": variables["params"],
+      "codebook_stats": variables["codebook_stats"],
+      "opt_state": tx.init(variables["params"]),
+    }
+    if restart:
+      state["restart_counts"] = jnp.zeros_like(
+        nn.unbox(variables["codebook_stats"])["quantizer"]["counts"]
+      )
+    if config.gan.enabled:
+      state["disc_params"] = variables["disc_params"]
+      state["disc_opt_state"] = disc_tx.init(variables["disc_params"])
+      state["lecam_ema"] = {
+        m: {"real": jnp.zeros(()), "fake": jnp.zeros(())} for m in config.gan.modalities
+      }
+    return state
+
+  return init_state
+
+
 def run(
   config: ml_collections.ConfigDict,
   workdir: str | os.PathLike,
@@ -459,28 +494,7 @@ def run(
   )
   disc_tx = _make_disc_optimizer(config) if config.gan.enabled else None
 
-  def init_state(rng_data):
-    rng = jax.random.wrap_key_data(rng_data)
-    variables = models.init(rng)
-    # Optimizer states of boxed params stay boxed, so they shard like the params.
-    state = {
-      "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
-      "params": variables["params"],
-      "codebook_stats": variables["codebook_stats"],
-      "opt_state": tx.init(variables["params"]),
-    }
-    if _restart_every(config, trainable):
-      state["restart_counts"] = jnp.zeros_like(
-        nn.unbox(variables["codebook_stats"])["quantizer"]["counts"]
-      )
-    if config.gan.enabled:
-      state["disc_params"] = variables["disc_params"]
-      state["disc_opt_state"] = disc_tx.init(variables["disc_params"])
-      state["lecam_ema"] = {
-        m: {"real": jnp.zeros(()), "fake": jnp.zeros(())} for m in config.gan.modalities
-      }
-    return state
+  init_state = make_init_state(config, models, tx, disc_tx, trainable)
 
   # --- shard --------------------------------------------------------------------
   rng_data = jax.random.key_data(jax.random.key(config.seed))

@@ -229,6 +229,25 @@ def _strip_boxes(tree: Any) -> Any:
   )
 
 
+def make_init_state(task, tx):
+  """`init_state(rng_data) -> state`: the generator trainer's train state (boxed params).
+
+  Shared by `run` and the memory planner (`avtok_jax/plan.py`).
+  """
+
+  def init_state(rng_data):
+    rng = jax.random.wrap_key_data(rng_data)
+    params = task.init(rng)["params"]
+    return {
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+      "params": params,
+      "opt_state": tx.init(params),
+    }
+
+  return init_state
+
+
 def run(
   config: ml_collections.ConfigDict,
   workdir: str | os.PathLike,
@@ -270,16 +289,7 @@ def run(
     config.optim, abstract_params, config.param_rules, config.total_steps
   )
 
-  def init_state(rng_data):
-    rng = jax.random.wrap_key_data(rng_data)
-    params = task.init(rng)["params"]
-    return {
-      "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
-      "params": params,
-      "opt_state": tx.init(params),
-    }
-
+  init_state = make_init_state(task, tx)
   rng_data = jax.random.key_data(jax.random.key(config.seed))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_state = jax.eval_shape(init_state, rng_data)
