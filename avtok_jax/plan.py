@@ -596,19 +596,8 @@ class Plan:
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """The trainer's config checks for `num_devices` devices (one-line ValueErrors)."""
   if config.get("trainer") == train_ar.TRAINER:
-    mesh = plan_mesh(config.mesh, num_devices)
-    shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
-    # Same wording as train_ar.check_config, which needs a token set and this host's devices.
-    if config.batch_size % shards:
-      raise ValueError(
-        f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
-        f"data*fsdp={shards} of config.mesh={dict(config.mesh)} ({num_devices} devices)."
-      )
-    if config.generator.width % config.generator.num_heads:
-      raise ValueError(
-        f"config.generator.width={config.generator.width} is not divisible by "
-        f"config.generator.num_heads={config.generator.num_heads}."
-      )
+    # train_ar.check_config's mesh checks; the rest needs a token set.
+    train_ar.check_mesh_fit(config, plan_mesh(config.mesh, num_devices), num_devices)
     return
   checked = ml_collections.ConfigDict(config.to_dict())
   if checked.stage in ("stage2", "stage3") and not checked.init_from:

@@ -48,7 +48,6 @@ from avtok_jax import checkpointing, config_lib, reporting
 from avtok_jax.data import audio as audio_lib
 from avtok_jax.data import pipeline, tokens, video_io
 from avtok_jax.data.tfds import common
-from avtok_jax.models import build_tokenizer
 
 CODES_KEYS = ("video_codes", "audio_codes")
 _SHORT_CLIP = ("pad", "error")
@@ -104,11 +103,10 @@ class Tokenizer:
 def load_tokenizer(workdir: str | os.PathLike, step: int | None = None) -> Tokenizer:
   """Restores the tokenizer of a training workdir (config.json + checkpoints/).
 
-  The same variables as `evaluation.evaluate.load_tokenizer` (every tokenizer
-  parameter from the checkpoint; projectors and discriminators ignored), but
-  restored into the shapes of `jax.eval_shape(init)` instead of a compiled
-  init whose values would be thrown away: 3 s instead of 22 s for the tiny
-  model on a 2-core CPU.
+  The variables come from `evaluation.evaluate.load_tokenizer` (every
+  tokenizer parameter from the checkpoint, restored into `jax.eval_shape`
+  shapes; projectors and discriminators ignored); this adds the modality
+  check and the jitted codec.
 
   Raises:
     FileNotFoundError: no such workdir, no checkpoint or no config.json in it.
@@ -122,7 +120,8 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None) -> Token
   workdir = os.path.abspath(os.fspath(workdir))
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"Tokenizer workdir {workdir} does not exist.")
-  directory, step = checkpointing.saved_step(workdir, step)
+  # The checkpoint first: an empty workdir is named as such, not as a missing config.
+  checkpointing.saved_step(workdir, step)
   config = evaluate.load_run_config(workdir)
   modalities = tuple(config.get("modalities", ()))
   if set(modalities) != {"video", "audio"}:
@@ -131,20 +130,7 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None) -> Token
       f"{config.get('stage', '?')}); tokens need one trained on video and audio "
       "(VFAL stage 3 or vanilla)."
     )
-  module = build_tokenizer(config.model, config.data)
-  abstract = jax.eval_shape(
-    lambda rng: module.init(rng, **module.example_inputs(1), train=False), jax.random.key(0)
-  )
-  variables = {
-    collection: checkpointing.restore_complete(
-      directory,
-      abstract[collection],
-      step=step,
-      item_path=(collection,),
-      what=f"tokenizer {collection}",
-    )
-    for collection in ("params", "codebook_stats")
-  }
+  module, variables, step = evaluate.load_tokenizer(config, workdir, step)
   c = config.data
   video_shape = (c.num_frames, c.height, c.width, 3)
   mel_shape = (c.mel.n_mels, config_lib.num_mel_frames(c))

@@ -113,9 +113,12 @@ def check_config(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> 
   for name in ("token_dropout", "condition_dropout"):
     if not 0.0 <= float(config[name]) < 1.0:
       raise ValueError(f"config.{name}={config[name]} must be in [0, 1).")
-  devices = jax.device_count()
-  mesh = sharding.make_mesh(dict(config.mesh))
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  check_mesh_fit(config, sharding.make_mesh(dict(config.mesh)), jax.device_count())
+
+
+def check_mesh_fit(config: ml_collections.ConfigDict, mesh, devices: int) -> None:
+  """One-line errors when the batch or the heads do not fit `mesh` (also the memory planner's)."""
+  shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
   if config.batch_size % shards:
     raise ValueError(
       f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "

@@ -61,7 +61,8 @@ ssh:
 EOF
 }
 
-# die, q, join_q and run (the --dry-run printer) are shared with the other script.
+# die, q, join_q, run (the --dry-run printer) and value_of (option values) are shared
+# with the other script.
 # shellcheck source=launch/lib.sh
 source "$ROOT/launch/lib.sh"
 
@@ -84,22 +85,6 @@ SBATCH_ARGS=()
 HOSTS_ARG=""
 PORT=8476
 OVERRIDES=()
-
-# Value of an option given as --opt=VALUE or --opt VALUE; sets SHIFT_BY.
-SHIFT_BY=1
-value_of() {
-  local opt=$1 next_set=$2 next=${3-}
-  if [[ $opt == *=* ]]; then
-    VALUE=${opt#*=}
-    SHIFT_BY=1
-  elif ((next_set)) && [[ $next != --* ]]; then
-    VALUE=$next
-    SHIFT_BY=2
-  else
-    die "option '$opt' needs a value"
-  fi
-  [[ -n $VALUE ]] || die "option '${opt%%=*}' needs a non-empty value"
-}
 
 while (($#)); do
   arg=$1

@@ -36,3 +36,19 @@ run() {
     "$@"
   fi
 }
+
+# Value of an option given as --opt=VALUE or --opt VALUE: sets VALUE and
+# SHIFT_BY (how many arguments the caller's parser shifts), read by the caller.
+value_of() {
+  local opt=$1 next_set=$2 next=${3-}
+  if [[ $opt == *=* ]]; then
+    VALUE=${opt#*=}
+    SHIFT_BY=1
+  elif ((next_set)) && [[ $next != --* ]]; then
+    VALUE=$next
+    SHIFT_BY=2
+  else
+    die "option '$opt' needs a value"
+  fi
+  [[ -n $VALUE ]] || die "option '${opt%%=*}' needs a non-empty value"
+}

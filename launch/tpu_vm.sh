@@ -67,7 +67,8 @@ device per chip on v4/v5p/v5e/v6e and one per TensorCore on v2/v3.
 EOF
 }
 
-# die, q, join_q and run (the --dry-run printer) are shared with the other script.
+# die, q, join_q, run (the --dry-run printer) and value_of (option values) are shared
+# with the other script.
 # shellcheck source=launch/lib.sh
 source "$ROOT/launch/lib.sh"
 
@@ -88,22 +89,6 @@ PYTHON=python3.11
 WORKER=all
 DRY_RUN=0
 OVERRIDES=()
-
-# Value of an option given as --opt=VALUE or --opt VALUE; sets SHIFT_BY.
-SHIFT_BY=1
-value_of() {
-  local opt=$1 next_set=$2 next=${3-}
-  if [[ $opt == *=* ]]; then
-    VALUE=${opt#*=}
-    SHIFT_BY=1
-  elif ((next_set)) && [[ $next != --* ]]; then
-    VALUE=$next
-    SHIFT_BY=2
-  else
-    die "option '$opt' needs a value"
-  fi
-  [[ -n $VALUE ]] || die "option '${opt%%=*}' needs a non-empty value"
-}
 
 while (($#)); do
   arg=$1
