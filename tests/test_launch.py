@@ -86,10 +86,15 @@ def _remote(cmd: list[str]) -> str:
 
 @pytest.mark.parametrize("script", [TPU, GPU, QUICKSTART], ids=lambda p: p.name)
 def test_shellcheck_clean(script):
-  # -x follows `source launch/lib.sh` (paths relative to the repository root), so the
-  # shared helpers are checked in the context of both scripts that use them.
+  # -x follows `source launch/lib.sh` (paths relative to the repository root) and -a
+  # reports its findings too: the shared helpers are checked in the context of both
+  # scripts that use them (alone, lib.sh's outputs for the caller look unused).
   proc = subprocess.run(
-    [str(SHELLCHECK), "-x", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    [str(SHELLCHECK), "-x", "-a", str(script)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "disable=" not in script.read_text()  # no silenced checks
