@@ -196,14 +196,6 @@ class TrainerSetup:
   init_state: Callable[[jax.Array], Any]
 
 
-def _strip_boxes(tree: Any) -> Any:
-  return jax.tree.map(
-    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
-    tree,
-    is_leaf=lambda x: isinstance(x, nn.Partitioned),
-  )
-
-
 def _count(tree: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
@@ -215,7 +207,7 @@ def _abstract_state(init_state: Callable, seed: int, mesh) -> tuple[Any, Any, An
   with _mesh_context(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init_state, rng_data)
     shardings = sharding.state_shardings(mesh, boxed, rules)
-  return _strip_boxes(boxed), shardings, boxed
+  return train._strip_boxes(boxed), shardings, boxed
 
 
 def tokenizer_setup(config: ml_collections.ConfigDict, mesh) -> TrainerSetup:
@@ -224,7 +216,7 @@ def tokenizer_setup(config: ml_collections.ConfigDict, mesh) -> TrainerSetup:
   models = train.Models(config)
   with _mesh_context(mesh), nn.logical_axis_rules(rules):
     abstract_vars = jax.eval_shape(models.init, jax.random.key(config.seed))
-  abstract_params = _strip_boxes(abstract_vars["params"])
+  abstract_params = train._strip_boxes(abstract_vars["params"])
   trainable = optimizer.trainable_mask(abstract_params, config.param_rules)
   tx = optimizer.make_optimizer(
     config.optim, abstract_params, config.param_rules, config.total_steps
@@ -315,7 +307,7 @@ def ar_setup(config: ml_collections.ConfigDict, mesh) -> TrainerSetup:
   task = train_ar.Task(config, meta)
   rules = sharding.LOGICAL_AXIS_RULES
   with _mesh_context(mesh), nn.logical_axis_rules(rules):
-    abstract_params = _strip_boxes(jax.eval_shape(task.init, jax.random.key(0))["params"])
+    abstract_params = train._strip_boxes(jax.eval_shape(task.init, jax.random.key(0))["params"])
   tx = optimizer.make_optimizer(
     config.optim, abstract_params, config.param_rules, config.total_steps
   )
