@@ -8,6 +8,8 @@ practice 14):
   process 0 writes (multi-host); other processes get a writer whose methods
   do nothing. `read_metrics` / `read_tensorboard_scalars` read them back.
 * `Progress`: one line every N steps with step/s and ETA.
+* `compile_count`: XLA compilations so far in this process (the trainers log
+  it as `compiles`, so a train step that recompiles shows up in the metrics).
 * `parameter_overview`: a table of parameter counts, shapes, dtypes and
   shardings grouped by module path, printed at start.
 * Pictures and clips of inputs next to reconstructions: `video_grid`,
@@ -272,6 +274,27 @@ def read_tensorboard_scalars(logdir: PathLike) -> dict[str, list[tuple[int, floa
 # ----------------------------------------------------------------------------
 # Progress line
 # ----------------------------------------------------------------------------
+
+
+# XLA backend compilations in this process, counted by a jax.monitoring
+# listener (the event `jax._src.dispatch` records around every backend
+# compile; cache hits of the in-memory jit cache record nothing).
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles = {"count": 0, "listening": False}
+
+
+def _on_event_duration(event: str, duration: float, **_: Any) -> None:
+  del duration
+  if event == _COMPILE_EVENT:
+    _compiles["count"] += 1
+
+
+def compile_count() -> int:
+  """How many XLA programs this process has compiled since the first call."""
+  if not _compiles["listening"]:
+    jax.monitoring.register_event_duration_secs_listener(_on_event_duration)
+    _compiles["listening"] = True
+  return _compiles["count"]
 
 
 def _format_duration(seconds: float) -> str:

@@ -527,6 +527,7 @@ def run(
         state = _init_from_previous_stage(config, state)
   start = int(state["step"])
 
+  reporting.compile_count()  # start counting: logged as `compiles` at every log step
   frozen_checksum = jax.jit(functools.partial(optimizer.frozen_checksum, rules=config.param_rules))
   checksum0 = float(frozen_checksum(state["params"]))
   if is_main:
@@ -570,6 +571,7 @@ def run(
         elapsed = time.perf_counter() - timer
         timer = time.perf_counter()
         metrics["seconds_per_log_interval"] = elapsed
+        metrics["compiles"] = reporting.compile_count()
         if last and config.eval_batches > 0:
           # Logged with the last step's metrics (one record per step).
           metrics.update(evaluate_held_out(config, eval_fn, state, batch_sharding))

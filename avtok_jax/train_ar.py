@@ -336,6 +336,7 @@ def run(
     config.total_steps, start_step=start, every=config.log_every, enabled=is_main
   )
   metrics: dict[str, float] = {}
+  reporting.compile_count()  # start counting: logged as `compiles`
   timer = time.perf_counter()
   with (
     checkpointing.PreemptionHandler() as preemption,
@@ -356,6 +357,7 @@ def run(
             f"Non-finite {bad} at step {done} (that step was not applied); lower config.optim.lr."
           )
         metrics["seconds_per_log_interval"] = time.perf_counter() - timer
+        metrics["compiles"] = reporting.compile_count()
         timer = time.perf_counter()
         if last and config.eval_batches > 0:
           metrics.update(evaluate_held_out(config, task, state["params"], batch_sharding))

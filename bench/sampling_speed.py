@@ -64,31 +64,47 @@ def _time(fn, *args, **kwargs) -> tuple[float, float]:
   return t1 - t0, t2 - t1
 
 
-def _case(name: str, max_length: int, prompt_len: int, num_new: int, no_cache_new: int) -> None:
-  batch = _BATCH.value
-  model = generator.build_generator(generator.generator_config(_SIZE.value), VOCAB, max_length)
+def measure(
+  size: str, batch: int, max_length: int, prompt_len: int, num_new: int, no_cache_new: int
+) -> dict[str, float]:
+  """Tokens/s of `sampling.sample` (KV cache) and `sample_without_cache` for one case.
+
+  Without the cache the timed steps are the last `no_cache_new` positions of
+  the case's full length (a longer prompt), so its per-step cost is the
+  worst one.
+  """
+  model = generator.build_generator(generator.generator_config(size), VOCAB, max_length)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   opts = dict(temperature=1.0, top_k=100, allowed=VOCAB.codes)
   key = jax.random.key(1)
-
   prompt = jax.random.randint(jax.random.key(2), (batch, prompt_len), 0, VOCAB.size)
   first, warm = _time(sampling.sample, model, params, prompt, num_new, key, **opts)
-  cached = batch * num_new / warm
-  print(
-    f"{name}: {prompt_len} prompt + {num_new} new, batch {batch}, {_SIZE.value} preset\n"
-    f"  KV cache : {cached:9.1f} tokens/s  ({warm:.3f} s warm, first call {first:.1f} s)"
-  )
-  # Without the cache: a prompt that puts the timed steps at the case's full length.
+  out = {"cache_tokens_per_s": batch * num_new / warm, "cache_s": warm, "cache_first_s": first}
   nc_prompt_len = prompt_len + num_new - no_cache_new
   prompt = jax.random.randint(jax.random.key(2), (batch, nc_prompt_len), 0, VOCAB.size)
   first, warm = _time(
     sampling.sample_without_cache, model, params, prompt, no_cache_new, key, **opts
   )
-  full = batch * no_cache_new / warm
+  out.update(
+    no_cache_tokens_per_s=batch * no_cache_new / warm,
+    no_cache_s=warm,
+    no_cache_first_s=first,
+    no_cache_length=nc_prompt_len + no_cache_new - 1,
+  )
+  return out
+
+
+def _case(name: str, max_length: int, prompt_len: int, num_new: int, no_cache_new: int) -> None:
+  batch = _BATCH.value
+  r = measure(_SIZE.value, batch, max_length, prompt_len, num_new, no_cache_new)
   print(
-    f"  no cache : {full:9.1f} tokens/s  ({warm:.3f} s warm for {no_cache_new} steps at length "
-    f"{nc_prompt_len + no_cache_new - 1}, first call {first:.1f} s)\n"
-    f"  speed-up : {cached / full:9.1f} x"
+    f"{name}: {prompt_len} prompt + {num_new} new, batch {batch}, {_SIZE.value} preset\n"
+    f"  KV cache : {r['cache_tokens_per_s']:9.1f} tokens/s  ({r['cache_s']:.3f} s warm, "
+    f"first call {r['cache_first_s']:.1f} s)\n"
+    f"  no cache : {r['no_cache_tokens_per_s']:9.1f} tokens/s  ({r['no_cache_s']:.3f} s warm "
+    f"for {no_cache_new} steps at length {r['no_cache_length']}, first call "
+    f"{r['no_cache_first_s']:.1f} s)\n"
+    f"  speed-up : {r['cache_tokens_per_s'] / r['no_cache_tokens_per_s']:9.1f} x"
   )
 
 

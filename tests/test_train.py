@@ -89,6 +89,13 @@ def test_stage1_trains_and_writes_everything(stage1):
   assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2, 4]
   # The frozen audio modules kept their checksum (the trainer raises otherwise).
   assert len({m["frozen_checksum"] for m in logged}) == 1
+  # Compile counter (reporting.compile_count): every program of the loop is
+  # compiled by the end of step 1 (train step, checksum) or at the first
+  # checkpoint; from step 2 on nothing recompiles (a train step that
+  # retraced on a changed dtype, sharding or Python value would add one).
+  compiles = [m["compiles"] for m in logged]
+  assert compiles[0] >= 2, compiles
+  assert compiles[1:] == [compiles[1]] * (STEPS - 1), compiles
 
 
 def test_held_out_scores_are_per_clip_means_without_padding():

@@ -1,0 +1,304 @@
+r"""Steady-state speed of the tokenizer's train step: step time, clips/s, FLOP/s and MFU.
+
+  python bench/train_step.py --preset=small                 # stage 1, this machine
+  python bench/train_step.py --preset=small --stage=vanilla --steps=30
+  python bench/train_step.py --preset=L --batch_size=8      # on a GPU / TPU
+
+What it runs: exactly the trainer's step (`avtok_jax.plan.tokenizer_setup`,
+the same state, shardings, jit and `donate_argnums` as `train.run`) of the
+stage config (`configs/vfal_stage1.py` or `configs/vanilla.py`) at the
+preset, GAN off unless `--gan` (the PyTorch reference of
+`bench/torch_reference.py` has none).
+
+What it reports (one JSON line at the end, read by `bench/compare.py`):
+
+* `compile_s`: lowering + XLA compilation of the step.
+* `step_s`: median wall time of one step, each step waited for
+  (`block_until_ready`), after `--warmup` steps; `clips_per_s` = batch / step_s.
+* `flops_per_step`: XLA's cost analysis of the compiled step
+  (`compiled.cost_analysis()["flops"]`: multiply-adds count 2, elementwise
+  ops 1). `flops_per_s` = that / step_s.
+* `peak_flops_per_s`: a square matmul of `--peak_size` (default 2048 on
+  CPU, 8192 on accelerators) in the compute dtype of the preset, measured in
+  the same run (median of 10); `mfu` = flops_per_s / peak. On a GPU/TPU the
+  chip's datasheet peak is printed next to it when known (`--chip_peak`
+  overrides: TFLOP/s).
+* `data`: the step time with the real Grain pipeline feeding it (the
+  trainer's loop: `next(iterator)`, `pipeline.to_global_array`, step, no
+  per-step wait) against the same loop on one fixed batch;
+  `pipeline_slowdown` = pipeline / fixed - 1 (the data pipeline is the
+  bottleneck when it is clearly above 0).
+* `recompiles_after_warmup`: XLA compilations counted while timing
+  (`reporting.compile_count`); must be 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def _define_flags() -> None:
+  """Command-line flags (defined only when run as a script, so that tests can import us)."""
+  global _PRESET, _STAGE, _BATCH, _STEPS, _WARMUP, _DATA, _GAN, _PEAK_SIZE, _CHIP_PEAK, _OVERRIDES
+  _PRESET = flags.DEFINE_enum("preset", "small", ["tiny", "small", "B", "L"], "Size preset.")
+  _STAGE = flags.DEFINE_enum("stage", "stage1", ["stage1", "vanilla"], "Which stage's step.")
+  _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the preset's).")
+  _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+  _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  _DATA = flags.DEFINE_bool("data", True, "Also time the step fed by the real Grain pipeline.")
+  _GAN = flags.DEFINE_bool("gan", False, "Keep the stage's GAN (off by default).")
+  _PEAK_SIZE = flags.DEFINE_integer("peak_size", None, "Side of the peak-FLOP/s matmul.")
+  _CHIP_PEAK = flags.DEFINE_float("chip_peak", None, "The chip's peak TFLOP/s, if known.")
+  _OVERRIDES = flags.DEFINE_multi_string(
+    "set", [], "Config overrides KEY=VALUE (Python literal), e.g. --set=model.remat=True."
+  )
+
+
+# Dense bf16 datasheet peaks (TFLOP/s, without sparsity) of chips we may run
+# on: NVIDIA H100 SXM 989, H200 989 (same compute as H100), A100 312; Google
+# TPU v4 275, v5e 197, v5p 459, v6e 918.
+_CHIP_PEAKS_BF16 = {
+  "H100": 989e12,
+  "H200": 989e12,
+  "A100": 312e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6": 918e12,
+}
+
+
+def load_config(stage: str, preset: str, batch_size: int | None, gan: bool, overrides=()):
+  """The stage config at `preset`, for benchmarking (no eval, GAN off unless asked)."""
+  import ast
+  import importlib.util
+
+  name = "vfal_stage1" if stage == "stage1" else "vanilla"
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(preset)
+  config.gan.enabled = config.gan.enabled and gan
+  if batch_size:
+    config.data.batch_size = batch_size
+  for item in overrides:
+    key, _, value = item.partition("=")
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return config
+
+
+def measure_peak(dtype, size: int, reps: int = 10) -> float:
+  """FLOP/s of a jitted [size, size] @ [size, size] in `dtype` (median of `reps`)."""
+  import jax
+
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  mm = jax.jit(lambda x, y: x @ y)
+  mm(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    mm(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * size**3 / statistics.median(times)
+
+
+def chip_peak(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, peak in _CHIP_PEAKS_BF16.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def flop_count(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # older jax: one dict per program
+    cost = cost[0]
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+class StepBench:
+  """The trainer's jitted step on its sharded state, ready to time."""
+
+  def __init__(self, config):
+    import flax.linen as nn
+    import jax
+
+    from avtok_jax import plan, sharding, train
+    from avtok_jax.data import pipeline
+
+    train.check_config(config)
+    self.config = config
+    self.mesh = sharding.make_mesh(dict(config.mesh))
+    self.rules = sharding.LOGICAL_AXIS_RULES
+    self.setup = plan.tokenizer_setup(config, self.mesh)
+    s = self.setup
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      rng = jax.random.key_data(jax.random.key(config.seed))
+      self.state = jax.jit(lambda r: nn.unbox(s.init_state(r)), out_shardings=s.state_shardings)(
+        rng
+      )
+    self.step_fn = jax.jit(
+      s.train_step,
+      in_shardings=(s.state_shardings, s.batch_sharding),
+      out_shardings=(s.state_shardings, None),
+      donate_argnums=(0,),
+    )
+    self.iterator = pipeline.make_iterator(
+      config.data, config.data.train_split, train=True, seed=config.seed
+    )
+    self.batch = self.next_batch()
+
+  def next_batch(self):
+    from avtok_jax.data import pipeline
+
+    local = next(self.iterator)
+    return pipeline.to_global_array(
+      {k: v for k, v in local.items() if k in self.setup.abstract_batch}, self.setup.batch_sharding
+    )
+
+  def context(self):
+    import contextlib
+
+    import flax.linen as nn
+    import jax
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def compile(self):
+    with self.context():
+      t = time.perf_counter()
+      compiled = self.step_fn.lower(self.state, self.batch).compile()
+      return compiled, time.perf_counter() - t
+
+  def step(self, batch=None):
+    with self.context():
+      self.state, metrics = self.step_fn(self.state, self.batch if batch is None else batch)
+    return metrics
+
+  def timed_steps(self, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      metrics = self.step()
+      metrics["loss"].block_until_ready()
+      times.append(time.perf_counter() - t)
+    return times
+
+  def loop_time(self, n: int, real_data: bool) -> float:
+    """Seconds per step of the trainer's loop shape (no per-step wait)."""
+    t = time.perf_counter()
+    metrics = None
+    for _ in range(n):
+      metrics = self.step(self.next_batch() if real_data else None)
+    metrics["loss"].block_until_ready()
+    return (time.perf_counter() - t) / n
+
+
+def run(config, steps: int, warmup: int, data: bool, peak_size: int | None, chip: float | None):
+  import jax
+  import jax.numpy as jnp
+
+  from avtok_jax import reporting
+
+  reporting.compile_count()
+  device = jax.devices()[0]
+  bench = StepBench(config)
+  compiled, compile_s = bench.compile()
+  flops = flop_count(compiled)
+  bench.timed_steps(warmup)
+  compiles0 = reporting.compile_count()
+  times = bench.timed_steps(steps)
+  out = {
+    "framework": "jax",
+    "jax": jax.__version__,
+    "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+    "devices": jax.device_count(),
+    "preset": config.model.size,
+    "stage": config.stage,
+    "batch_size": config.data.batch_size,
+    "dtype": config.model.dtype,
+    "compile_s": round(compile_s, 2),
+    "step_s": statistics.median(times),
+    "step_s_min": min(times),
+    "clips_per_s": config.data.batch_size / statistics.median(times),
+    "flops_per_step": flops,
+    "flops_per_s": flops / statistics.median(times),
+  }
+  if data:
+    fixed = bench.loop_time(steps, real_data=False)
+    real = bench.loop_time(steps, real_data=True)
+    out.update(loop_fixed_s=fixed, loop_pipeline_s=real, pipeline_slowdown=real / fixed - 1)
+  out["recompiles_after_warmup"] = reporting.compile_count() - compiles0
+  dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+  size = peak_size or (2048 if device.platform == "cpu" else 8192)
+  out["peak_matmul"] = f"{size}x{size} {jnp.dtype(dtype).name}"
+  out["peak_flops_per_s"] = measure_peak(dtype, size)
+  out["mfu"] = out["flops_per_s"] / (out["peak_flops_per_s"] * jax.device_count())
+  chip = chip * 1e12 if chip else chip_peak(device)
+  if chip:
+    out["chip_peak_flops_per_s"] = chip
+    out["mfu_vs_chip"] = out["flops_per_s"] / (chip * jax.device_count())
+  return out
+
+
+def report(out) -> str:
+  lines = [
+    f"{out['preset']} {out['stage']} batch {out['batch_size']} on {out['devices']} x "
+    f"{out['device']} ({out['dtype']}), jax {out['jax']}",
+    f"  compile {out['compile_s']:.1f} s; step {out['step_s'] * 1e3:.1f} ms (min "
+    f"{out['step_s_min'] * 1e3:.1f}), {out['clips_per_s']:.1f} clips/s",
+    f"  {out['flops_per_step'] / 1e9:.2f} GFLOP/step (XLA cost analysis) = "
+    f"{out['flops_per_s'] / 1e9:.1f} GFLOP/s; peak {out['peak_matmul']} matmul "
+    f"{out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s -> MFU {100 * out['mfu']:.1f}%",
+  ]
+  if "chip_peak_flops_per_s" in out:
+    lines.append(
+      f"  vs the chip's bf16 peak {out['chip_peak_flops_per_s'] / 1e12:.0f} TFLOP/s: "
+      f"MFU {100 * out['mfu_vs_chip']:.1f}%"
+    )
+  if "loop_pipeline_s" in out:
+    lines.append(
+      f"  loop: fixed batch {out['loop_fixed_s'] * 1e3:.1f} ms/step, Grain pipeline "
+      f"{out['loop_pipeline_s'] * 1e3:.1f} ms/step ({100 * out['pipeline_slowdown']:+.1f}%)"
+    )
+  lines.append(f"  recompilations while timing: {out['recompiles_after_warmup']}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from avtok_jax import reporting
+
+  reporting.quiet_library_logs()
+  config = load_config(_STAGE.value, _PRESET.value, _BATCH.value, _GAN.value, _OVERRIDES.value)
+  out = run(config, _STEPS.value, _WARMUP.value, _DATA.value, _PEAK_SIZE.value, _CHIP_PEAK.value)
+  print(report(out))
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

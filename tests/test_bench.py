@@ -1,0 +1,92 @@
+"""The benchmark scripts run and report what they claim (tiny preset; no timing asserted).
+
+Speed itself is measured by running the scripts (bench/README.md), never by a
+test; these tests check that the figures are computed from real runs: the
+step's FLOP count from XLA, no recompilation while timing, encode/decode at
+each batch, and the JAX-vs-PyTorch comparison's parsing and ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import inference  # noqa: E402
+import train_step  # noqa: E402
+
+
+def test_train_step_bench_reports_flops_mfu_and_no_recompiles():
+  config = train_step.load_config("stage1", "tiny", batch_size=4, gan=False)
+  out = train_step.run(config, steps=3, warmup=1, data=True, peak_size=256, chip=None)
+  assert out["preset"] == "tiny" and out["batch_size"] == 4
+  # XLA's count for the compiled step: a tiny model's forward + backward is
+  # millions of FLOPs, not zero and not absurd.
+  assert 1e6 < out["flops_per_step"] < 1e11
+  assert out["step_s"] > 0 and out["peak_flops_per_s"] > 1e8
+  assert math.isclose(out["mfu"], out["flops_per_s"] / out["peak_flops_per_s"])
+  assert out["recompiles_after_warmup"] == 0
+  assert out["loop_fixed_s"] > 0 and out["loop_pipeline_s"] > 0
+  assert "MFU" in train_step.report(out)
+
+
+def test_train_step_bench_overrides_and_chip_peak():
+  config = train_step.load_config(
+    "vanilla", "tiny", batch_size=None, gan=False, overrides=["model.remat=True", "seed=3"]
+  )
+  assert config.model.remat is True and config.seed == 3 and not config.gan.enabled
+
+  class FakeH100:
+    device_kind = "NVIDIA H100 80GB HBM3"
+
+  assert train_step.chip_peak(FakeH100()) == 989e12
+
+
+def test_inference_bench_encodes_decodes_each_batch():
+  out = inference.run("tiny", ["1", "2"], 0, repeats=1, generator=False, gen_batch=1)
+  assert [row["batch"] for row in out["tokenizer"]] == [1, 2]
+  for row in out["tokenizer"]:
+    assert row["encode_decode_s"] > 0
+    assert math.isclose(row["encode_clips_per_s"], row["batch"] / row["encode_s"])
+
+
+def test_inference_bench_out_of_memory_detection():
+  assert inference._is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while"))
+  assert not inference._is_out_of_memory(ValueError("shapes do not match"))
+
+
+@pytest.mark.timeout(600)
+def test_compare_runs_jax_and_torch_and_prints_ratios():
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "bench" / "compare.py"),
+      "--preset=tiny",
+      "--batch_size=4",
+      "--steps=2",
+      "--rounds=1",
+      "--skip_compile",
+      "--torch_threads=1",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["preset"] == "tiny" and summary["rounds"] == 1
+  assert math.isclose(
+    summary["train_ratio_vs_eager"],
+    summary["torch_eager_train_step_s"] / summary["jax_train_step_s"],
+  )
+  assert summary["encode_decode_ratio_vs_eager"] > 0
+  assert "torch_compile_train_step_s" not in summary
+  assert "train step" in proc.stdout and "encode+decode" in proc.stdout
