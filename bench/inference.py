@@ -192,9 +192,7 @@ def run(
     sampling_speed.VOCAB = sampling_speed.generator.Vocab(
       codebook_size=m.codebook_size, num_classes=10
     )
-    r = sampling_speed.measure(
-      gen_size, gen_batch, 1 + n_new, 1, n_new, min(no_cache_steps, n_new)
-    )
+    r = sampling_speed.measure(gen_size, gen_batch, 1 + n_new, 1, n_new, min(no_cache_steps, n_new))
     r.update(generator=gen_size, batch=gen_batch, sequence=1 + n_new)
     out["generator"] = r
     print(
