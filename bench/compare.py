@@ -118,61 +118,33 @@ def main(argv):
       results[name].append(value)
       print(f"round {r + 1}: {name}: {value}", flush=True)
 
-  def med(name, i=None):
-    vals = results[name] if i is None else [v[i] for v in results[name]]
-    return statistics.median(vals)
-
   summary = {
     "preset": _PRESET.value,
     "stage": _STAGE.value,
     "batch_size": _BATCH.value,
     "rounds": _ROUNDS.value,
     "cpus": os.cpu_count(),
-    "jax_train_step_s": med("jax_train"),
-    "jax_encode_decode_s": med("jax_encode_decode"),
-    "torch_eager_train_step_s": med("torch_eager", 0),
-    "torch_eager_encode_decode_s": med("torch_eager", 1),
   }
-  summary["train_ratio_vs_eager"] = (
-    summary["torch_eager_train_step_s"] / summary["jax_train_step_s"]
-  )
-  summary["encode_decode_ratio_vs_eager"] = (
-    summary["torch_eager_encode_decode_s"] / summary["jax_encode_decode_s"]
-  )
-  if "torch_compile" in results:
-    summary["torch_compile_train_step_s"] = med("torch_compile", 0)
-    summary["torch_compile_encode_decode_s"] = med("torch_compile", 1)
-    summary["train_ratio_vs_compile"] = (
-      summary["torch_compile_train_step_s"] / summary["jax_train_step_s"]
-    )
-    summary["encode_decode_ratio_vs_compile"] = (
-      summary["torch_compile_encode_decode_s"] / summary["jax_encode_decode_s"]
-    )
   print(
     f"{_PRESET.value} {_STAGE.value}, batch {_BATCH.value}, median of {_ROUNDS.value} rounds "
     "(ratio = torch time / JAX time; above 1: JAX faster)"
   )
-  print(
-    f"  train step     JAX {summary['jax_train_step_s'] * 1e3:7.1f} ms | eager "
-    f"{summary['torch_eager_train_step_s'] * 1e3:7.1f} ms (x{summary['train_ratio_vs_eager']:.2f})"
-    + (
-      f" | compile {summary['torch_compile_train_step_s'] * 1e3:7.1f} ms "
-      f"(x{summary['train_ratio_vs_compile']:.2f})"
-      if "torch_compile" in results
-      else ""
-    )
+  # (label, JSON key, JAX measurement, index into the torch pair, ratio key prefix)
+  works = (
+    ("train step    ", "train_step", "jax_train", 0, "train"),
+    ("encode+decode ", "encode_decode", "jax_encode_decode", 1, "encode_decode"),
   )
-  print(
-    f"  encode+decode  JAX {summary['jax_encode_decode_s'] * 1e3:7.1f} ms | eager "
-    f"{summary['torch_eager_encode_decode_s'] * 1e3:7.1f} ms "
-    f"(x{summary['encode_decode_ratio_vs_eager']:.2f})"
-    + (
-      f" | compile {summary['torch_compile_encode_decode_s'] * 1e3:7.1f} ms "
-      f"(x{summary['encode_decode_ratio_vs_compile']:.2f})"
-      if "torch_compile" in results
-      else ""
-    )
-  )
+  torch_modes = [m for m in ("eager", "compile") if f"torch_{m}" in results]
+  for label, key, jax_name, i, ratio in works:
+    jax_s = summary[f"jax_{key}_s"] = statistics.median(results[jax_name])
+    line = f"  {label} JAX {jax_s * 1e3:7.1f} ms"
+    for mode in torch_modes:
+      torch_s = summary[f"torch_{mode}_{key}_s"] = statistics.median(
+        v[i] for v in results[f"torch_{mode}"]
+      )
+      summary[f"{ratio}_ratio_vs_{mode}"] = torch_s / jax_s
+      line += f" | {mode} {torch_s * 1e3:7.1f} ms (x{torch_s / jax_s:.2f})"
+    print(line)
   print(json.dumps(summary))
 
 

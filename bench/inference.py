@@ -27,6 +27,8 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +36,9 @@ ROOT = os.path.dirname(HERE)
 for path in (ROOT, HERE):
   if path not in sys.path:
     sys.path.insert(0, path)
+
+from avtok_jax import config_lib  # noqa: E402
+from avtok_jax.models import build_tokenizer  # noqa: E402
 
 
 def _define_flags() -> None:
@@ -60,8 +65,6 @@ def _define_flags() -> None:
 
 
 def _median(fn, repeats: int) -> float:
-  import jax
-
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
@@ -79,11 +82,6 @@ class TokenizerBench:
   """Jitted encode / decode of the preset's tokenizer (random weights)."""
 
   def __init__(self, preset: str, modalities=("video", "audio")):
-    import jax
-
-    from avtok_jax import config_lib
-    from avtok_jax.models import build_tokenizer
-
     model_config = config_lib.model_config(preset)
     data_config = config_lib.data_config(model_config.data_preset)
     self.model = build_tokenizer(model_config, data_config)
@@ -99,9 +97,6 @@ class TokenizerBench:
     self.decode = jax.jit(lambda v, codes: tok.apply(v, codes, method=tok.decode))
 
   def inputs(self, batch: int):
-    import jax
-    import jax.numpy as jnp
-
     tok = self.model
     video = jax.random.randint(
       jax.random.key(1), (batch, tok.num_patches("video"), tok.video_patch_dim), 0, 256
@@ -115,8 +110,6 @@ class TokenizerBench:
     )
 
   def measure(self, batch: int, repeats: int) -> dict[str, float]:
-    import jax
-
     video, mel = self.inputs(batch)
     t = time.perf_counter()
     codes = self.encode(self.params, video, mel)
@@ -148,8 +141,6 @@ def run(
   modalities=("video", "audio"),
   no_cache_steps: int = 16,
 ):
-  import jax
-
   out = {
     "framework": "jax",
     "jax": jax.__version__,
@@ -182,17 +173,15 @@ def run(
       flush=True,
     )
   if generator:
-    import sampling_speed
-
-    from avtok_jax import config_lib
+    import sampling_speed  # here: it defines its own absl flags when imported
 
     m = config_lib.model_config(preset)
     gen_size = preset if preset in ("tiny", "small") else "L"
     n_new = m.num_video_tokens + m.num_audio_tokens
-    sampling_speed.VOCAB = sampling_speed.generator.Vocab(
-      codebook_size=m.codebook_size, num_classes=10
+    vocab = sampling_speed.generator.Vocab(codebook_size=m.codebook_size, num_classes=10)
+    r = sampling_speed.measure(
+      gen_size, gen_batch, 1 + n_new, 1, n_new, min(no_cache_steps, n_new), vocab
     )
-    r = sampling_speed.measure(gen_size, gen_batch, 1 + n_new, 1, n_new, min(no_cache_steps, n_new))
     r.update(generator=gen_size, batch=gen_batch, sequence=1 + n_new)
     out["generator"] = r
     print(

@@ -65,7 +65,13 @@ def _time(fn, *args, **kwargs) -> tuple[float, float]:
 
 
 def measure(
-  size: str, batch: int, max_length: int, prompt_len: int, num_new: int, no_cache_new: int
+  size: str,
+  batch: int,
+  max_length: int,
+  prompt_len: int,
+  num_new: int,
+  no_cache_new: int,
+  vocab: generator.Vocab = VOCAB,
 ) -> dict[str, float]:
   """Tokens/s of `sampling.sample` (KV cache) and `sample_without_cache` for one case.
 
@@ -73,15 +79,15 @@ def measure(
   the case's full length (a longer prompt), so its per-step cost is the
   worst one.
   """
-  model = generator.build_generator(generator.generator_config(size), VOCAB, max_length)
+  model = generator.build_generator(generator.generator_config(size), vocab, max_length)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  opts = dict(temperature=1.0, top_k=100, allowed=VOCAB.codes)
+  opts = dict(temperature=1.0, top_k=100, allowed=vocab.codes)
   key = jax.random.key(1)
-  prompt = jax.random.randint(jax.random.key(2), (batch, prompt_len), 0, VOCAB.size)
+  prompt = jax.random.randint(jax.random.key(2), (batch, prompt_len), 0, vocab.size)
   first, warm = _time(sampling.sample, model, params, prompt, num_new, key, **opts)
   out = {"cache_tokens_per_s": batch * num_new / warm, "cache_s": warm, "cache_first_s": first}
   nc_prompt_len = prompt_len + num_new - no_cache_new
-  prompt = jax.random.randint(jax.random.key(2), (batch, nc_prompt_len), 0, VOCAB.size)
+  prompt = jax.random.randint(jax.random.key(2), (batch, nc_prompt_len), 0, vocab.size)
   first, warm = _time(
     sampling.sample_without_cache, model, params, prompt, no_cache_new, key, **opts
   )

@@ -34,17 +34,25 @@ What it reports (one JSON line at the end, read by `bench/compare.py`):
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from avtok_jax import config_lib, plan, reporting, sharding, train  # noqa: E402
+from avtok_jax.data import pipeline  # noqa: E402
 
 
 def _define_flags() -> None:
@@ -80,22 +88,20 @@ _CHIP_PEAKS_BF16 = {
 
 
 def load_config(stage: str, preset: str, batch_size: int | None, gan: bool, overrides=()):
-  """The stage config at `preset`, for benchmarking (no eval, GAN off unless asked)."""
-  import ast
-  import importlib.util
+  """The stage config at `preset` (`config_lib.load_config_file`), GAN off unless asked.
 
+  `overrides`: "key.path=value" strings, the value read as a Python literal
+  (else kept as a string).
+  """
   name = "vfal_stage1" if stage == "stage1" else "vanilla"
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(preset)
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py:{preset}"))
   config.gan.enabled = config.gan.enabled and gan
   if batch_size:
     config.data.batch_size = batch_size
   for item in overrides:
     key, _, value = item.partition("=")
-    node = config
     *parents, leaf = key.split(".")
+    node = config
     for p in parents:
       node = node[p]
     try:
@@ -107,7 +113,6 @@ def load_config(stage: str, preset: str, batch_size: int | None, gan: bool, over
 
 def measure_peak(dtype, size: int, reps: int = 10) -> float:
   """FLOP/s of a jitted [size, size] @ [size, size] in `dtype` (median of `reps`)."""
-  import jax
 
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
@@ -137,22 +142,18 @@ def flop_count(compiled) -> float:
 
 
 class StepBench:
-  """The trainer's jitted step on its sharded state, ready to time."""
+  """The trainer's jitted step on its sharded state, ready to time.
+
+  Like `train.run`, everything runs inside one mesh + logical-axis-rules
+  context (`with bench.context():`), entered once around a timing loop.
+  """
 
   def __init__(self, config):
-    import flax.linen as nn
-    import jax
-
-    from avtok_jax import plan, sharding, train
-    from avtok_jax.data import pipeline
-
     train.check_config(config)
     self.config = config
     self.mesh = sharding.make_mesh(dict(config.mesh))
-    self.rules = sharding.LOGICAL_AXIS_RULES
-    self.setup = plan.tokenizer_setup(config, self.mesh)
-    s = self.setup
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    self.setup = s = plan.tokenizer_setup(config, self.mesh)
+    with self.context():
       rng = jax.random.key_data(jax.random.key(config.seed))
       self.state = jax.jit(lambda r: nn.unbox(s.init_state(r)), out_shardings=s.state_shardings)(
         rng
@@ -168,24 +169,17 @@ class StepBench:
     )
     self.batch = self.next_batch()
 
-  def next_batch(self):
-    from avtok_jax.data import pipeline
+  def context(self) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
+    return stack
 
+  def next_batch(self):
     local = next(self.iterator)
     return pipeline.to_global_array(
       {k: v for k, v in local.items() if k in self.setup.abstract_batch}, self.setup.batch_sharding
     )
-
-  def context(self):
-    import contextlib
-
-    import flax.linen as nn
-    import jax
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
 
   def compile(self):
     with self.context():
@@ -193,35 +187,31 @@ class StepBench:
       compiled = self.step_fn.lower(self.state, self.batch).compile()
       return compiled, time.perf_counter() - t
 
-  def step(self, batch=None):
-    with self.context():
-      self.state, metrics = self.step_fn(self.state, self.batch if batch is None else batch)
+  def _step(self, batch=None):
+    self.state, metrics = self.step_fn(self.state, self.batch if batch is None else batch)
     return metrics
 
   def timed_steps(self, n: int) -> list[float]:
+    """Wall time of each of `n` steps, each waited for."""
     times = []
-    for _ in range(n):
-      t = time.perf_counter()
-      metrics = self.step()
-      metrics["loss"].block_until_ready()
-      times.append(time.perf_counter() - t)
+    with self.context():
+      for _ in range(n):
+        t = time.perf_counter()
+        self._step()["loss"].block_until_ready()
+        times.append(time.perf_counter() - t)
     return times
 
   def loop_time(self, n: int, real_data: bool) -> float:
     """Seconds per step of the trainer's loop shape (no per-step wait)."""
-    t = time.perf_counter()
-    metrics = None
-    for _ in range(n):
-      metrics = self.step(self.next_batch() if real_data else None)
-    metrics["loss"].block_until_ready()
-    return (time.perf_counter() - t) / n
+    with self.context():
+      t = time.perf_counter()
+      for _ in range(n):
+        metrics = self._step(self.next_batch() if real_data else None)
+      metrics["loss"].block_until_ready()
+      return (time.perf_counter() - t) / n
 
 
 def run(config, steps: int, warmup: int, data: bool, peak_size: int | None, chip: float | None):
-  import jax
-  import jax.numpy as jnp
-
-  from avtok_jax import reporting
 
   reporting.compile_count()
   device = jax.devices()[0]
@@ -290,8 +280,6 @@ def report(out) -> str:
 
 def main(argv):
   del argv
-  from avtok_jax import reporting
-
   reporting.quiet_library_logs()
   config = load_config(_STAGE.value, _PRESET.value, _BATCH.value, _GAN.value, _OVERRIDES.value)
   out = run(config, _STEPS.value, _WARMUP.value, _DATA.value, _PEAK_SIZE.value, _CHIP_PEAK.value)
