@@ -82,31 +82,32 @@ runs float32) and remat/scan (JAX memory/compile-time tools, same maths).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as flax_nn
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import traverse_util
 from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from avtok_jax import config_lib  # noqa: E402
+from avtok_jax import config_lib, optimizer  # noqa: E402
 from avtok_jax.data import patches as patches_lib  # noqa: E402
 from avtok_jax.models import alignment as alignment_lib  # noqa: E402
 from avtok_jax.models import layers as layers_lib  # noqa: E402
+from avtok_jax.models import prior as prior_lib  # noqa: E402
 
 MODALITIES = ("video", "audio")
 _LN_EPS = 1e-6  # layers.LayerNorm
@@ -598,22 +599,10 @@ def build(config) -> AVTokTorch:
 # ----------------------------------------------------------------------------- JAX parameters
 
 
-def _flatten_jax(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-  """{path: numpy array} of a (boxed or unboxed) JAX parameter tree; scan-stacked
-  `blocks` (leading 'layers' axis) become block_0, block_1, ..."""
-  out: dict[str, np.ndarray] = {}
-  if hasattr(tree, "unbox"):  # flax nn.Partitioned and other AxisMetadata boxes
-    tree = tree.unbox(apply_constraint=False) if _has_constraint_arg(tree) else tree.unbox()
-  if isinstance(tree, Mapping):
-    for k, v in tree.items():
-      out.update(_flatten_jax(v, f"{prefix}/{k}" if prefix else str(k)))
-    return out
-  out[prefix] = np.asarray(tree)
-  return out
-
-
-def _has_constraint_arg(box: Any) -> bool:
-  return "apply_constraint" in inspect.signature(box.unbox).parameters
+def _flatten_jax(tree: Any) -> dict[str, np.ndarray]:
+  """{"a/b/kernel": numpy array} of a (boxed or unboxed) JAX parameter tree."""
+  flat = traverse_util.flatten_dict(flax_nn.unbox(tree), sep="/")
+  return {path: np.asarray(value) for path, value in flat.items()}
 
 
 def _expand_scan(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -664,27 +653,31 @@ def num_params(module: nn.Module) -> int:
 
 
 def scheduled_sampling_ratio(step: int, config) -> float:
-  """prior.scheduled_sampling_ratio for the config's schedule."""
-  peak = float(config.total_steps) * float(config.prior.ss_peak_fraction)
-  max_ratio = float(config.prior.ss_max_ratio)
-  return max_ratio if peak <= 0 else min(step / peak, 1.0) * max_ratio
+  """`prior.scheduled_sampling_ratio` of the config's schedule, as a Python float."""
+  return float(
+    prior_lib.scheduled_sampling_ratio(
+      step,
+      config.total_steps,
+      max_ratio=config.prior.ss_max_ratio,
+      peak_fraction=config.prior.ss_peak_fraction,
+    )
+  )
 
 
 def param_groups(model: AVTokTorch, lr: float) -> list[dict[str, Any]]:
-  """Adam groups from `config.param_rules` (first matching regex wins; 'frozen' drops a tensor)."""
-  rules = [(re.compile(p), v) for p, v in model.config.param_rules]
+  """Adam groups from `config.param_rules` (`optimizer.validate_rules`: first match wins).
+
+  'frozen' tensors get requires_grad=False and no group; 'lr_xM' ones train at M x lr.
+  """
+  rules = optimizer.validate_rules(model.config.param_rules)
   groups: dict[float, list[nn.Parameter]] = {}
   paths = model.jax_paths()
   for name, p in model.named_parameters():
-    value: Any = 1.0
-    for regex, rule in rules:
-      if regex.search(paths[name]):
-        value = rule
-        break
-    if value == "frozen":
+    label = next((value for regex, value in rules if regex.search(paths[name])), "lr_x1")
+    if label == optimizer.FROZEN:
       p.requires_grad_(False)
       continue
-    groups.setdefault(float(value), []).append(p)
+    groups.setdefault(float(label.removeprefix("lr_x")), []).append(p)
   return [{"params": ps, "lr": lr * mult} for mult, ps in sorted(groups.items())]
 
 
