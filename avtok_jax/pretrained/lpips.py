@@ -22,12 +22,21 @@ linear heads. Constants and structure follow the reference implementation
   take the spatial mean first and apply the head to the [N, C] means: same
   value, less work.
 
-Weight file (`load_lpips`): an .npz or .safetensors of float32 arrays whose
-keys and layouts are exactly the public PyTorch ones: torchvision VGG16
+Weights (`load_lpips`): either a folder written by the converter from the two
+public PyTorch files,
+
+    python -m avtok_jax.pretrained.convert --net=lpips \
+      --src=vgg16-397923af.pth,vgg.pth --dst=DIR
+
+(`vgg16-397923af.pth`: torchvision's ImageNet VGG16, the file
+`torchvision.models.vgg16(weights="IMAGENET1K_V1")` downloads;
+`vgg.pth`: `lpips/weights/v0.1/vgg.pth` of richzhang/PerceptualSimilarity,
+also in the `lpips` PyPI package), or an .npz / .safetensors of float32
+arrays with the same keys and layouts: torchvision VGG16
 `features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}` (OIHW) and the
 `lpips` package's heads `lin{0..4}.model.1.weight` ([1, C, 1, 1]; `model.0`
-is the head's Dropout). They may be split over several files (e.g. the VGG16
-features and the lpips heads), given as a list of paths.
+is the head's Dropout). Files may be split (e.g. the VGG16 features and the
+lpips heads), given as a list of paths. VGG16's classifier keys are ignored.
 
 Inputs are float images [N, H, W, 3] in [-1, 1] with H, W >= 16 (relu5_3 sits
 after four 2x pools); videos [N, T, H, W, 3] give the mean over the T frames
@@ -274,6 +283,24 @@ def lpips_params_from_state_dict(
   return weights.params_from_state_dict(state_dict, lpips_param_specs(), source=source)
 
 
+def convert_state_dict(
+  state_dict: dict[str, np.ndarray], source: str = "state dict"
+) -> dict[str, Any]:
+  """The converter's hook (`avtok_jax.pretrained.convert`): {'params': LPIPSNet params}.
+
+  `state_dict` is torchvision's VGG16 state dict merged with the lpips v0.1
+  heads (`lpips_param_specs` lists the keys used; others are ignored).
+  Raises ValueError naming `source` and every missing or mis-shaped key.
+  """
+  return {"params": lpips_params_from_state_dict(state_dict, source=source)}
+
+
+@functools.lru_cache(maxsize=1)
+def _abstract_params() -> Any:
+  x = jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32)
+  return jax.eval_shape(lambda x: LPIPSNet().init(jax.random.key(0), x, x), x)["params"]
+
+
 class LPIPS:
   """An LPIPS-VGG metric with loaded weights: `lpips(x, y) -> [N]` (see module docstring).
 
@@ -327,12 +354,19 @@ def load_lpips(
   dtype: Any = jnp.float32,
   precision: Any = jax.lax.Precision.HIGHEST,
 ) -> LPIPS:
-  """Loads LPIPS-VGG weights from one .npz/.safetensors file (or several, merged).
+  """Loads LPIPS-VGG weights: a converted folder, or .npz/.safetensors file(s) (merged).
 
-  The default precision is HIGHEST so that the metric does not depend on the
-  accelerator's default (bf16/tf32) matmul passes; pass `precision=None` for speed.
-  Raises ValueError naming the file and every missing or mis-shaped key.
+  `path` is a folder written by `python -m avtok_jax.pretrained.convert
+  --net=lpips` (see the module docstring), one .npz/.safetensors file, or a
+  list of them. The default precision is HIGHEST so that the metric does not
+  depend on the accelerator's default (bf16/tf32) matmul passes; pass
+  `precision=None` for speed. Raises ValueError naming the file or folder and
+  every missing or mis-shaped key.
   """
+  if isinstance(path, str | os.PathLike) and os.path.isdir(path):
+    params = weights.load_converted(path, "lpips")["params"]
+    weights.check_variables(params, _abstract_params(), source=repr(os.fspath(path)))
+    return LPIPS(params, dtype=dtype, precision=precision)
   state_dict = weights.load_state_dicts(path)
   source = (
     os.fspath(path) if isinstance(path, str | os.PathLike) else str([os.fspath(p) for p in path])

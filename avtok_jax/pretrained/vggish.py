@@ -34,13 +34,21 @@ activation_fn=None; see harritaylor/torchvggish issue #24): we follow the port
 by default (its weights are what the file holds), `final_relu=False` gives the
 TF reference's pre-activation embedding.
 
-Weight file (`load_vggish`): .npz or .safetensors with exactly the torchvggish
-state-dict keys and layouts (`vggish-10086976.pth`):
-`features.{0,3,6,8,11,13}.{weight,bias}` (OIHW) and
+Weights (`load_vggish`): either a folder written by the converter from the
+torchvggish release files (github.com/harritaylor/torchvggish, release v0.1,
+the URLs in its `hubconf.py`),
+
+    python -m avtok_jax.pretrained.convert --net=vggish \
+      --src=vggish-10086976.pth[,vggish_pca_params-970ea276.pth] --dst=DIR
+
+or an .npz / .safetensors with exactly the torchvggish state-dict keys and
+layouts: `features.{0,3,6,8,11,13}.{weight,bias}` (OIHW) and
 `embeddings.{0,2,4}.{weight,bias}` ([out, in]). The optional PCA
 post-processor (`VGGish.postprocess`, the AudioSet release's PCA whitening and
-8-bit quantisation) reads a second file with `pca_eigen_vectors` [128, 128]
-and `pca_means` [128]; FAD uses the raw embeddings, so it is off by default.
+8-bit quantisation) needs `pca_eigen_vectors` [128, 128] and `pca_means` [128]
+(or torchvggish's column form [128, 1]): from the PCA file given as a second
+--src (stored in the folder as the variables collection 'pca') or from
+`load_vggish(pca_path=...)`. FAD uses the raw embeddings, so it is off by default.
 """
 
 from __future__ import annotations
@@ -298,17 +306,79 @@ def vggish_params_from_state_dict(
   return weights.params_from_state_dict(state_dict, vggish_param_specs(), source=source)
 
 
-def load_pca(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
-  """float32 (eigen_vectors [128, 128], means [128]) from `pca_eigen_vectors`, `pca_means`."""
-  sd = dict(weights.load_state_dict(path))
+# Keys of the AudioSet PCA parameters (vggish_params.PCA_EIGEN_VECTORS_NAME / PCA_MEANS_NAME).
+PCA_KEYS = ("pca_eigen_vectors", "pca_means")
+
+
+def pca_from_state_dict(
+  state_dict: dict[str, Any], *, source: str = "state dict"
+) -> tuple[np.ndarray, np.ndarray]:
+  """float32 (eigen_vectors [128, 128], means [128]) from `pca_eigen_vectors`, `pca_means`.
+
+  `pca_means` may be [128] (the TF release's .npz) or [128, 1] (torchvggish's
+  column form). Raises ValueError naming `source` and the bad keys.
+  """
+  sd = dict(state_dict)
   if "pca_means" in sd and np.shape(sd["pca_means"]) == (EMBEDDING_SIZE, 1):
-    sd["pca_means"] = np.reshape(sd["pca_means"], (EMBEDDING_SIZE,))  # torchvggish's column form
+    sd["pca_means"] = np.reshape(sd["pca_means"], (EMBEDDING_SIZE,))
   specs = (
     weights.ParamSpec("pca_eigen_vectors", ("eigen_vectors",), (EMBEDDING_SIZE, EMBEDDING_SIZE)),
     weights.ParamSpec("pca_means", ("means",), (EMBEDDING_SIZE,)),
   )
-  tree = weights.params_from_state_dict(sd, specs, source=os.fspath(path))
+  tree = weights.params_from_state_dict(sd, specs, source=source)
   return tree["eigen_vectors"], tree["means"]
+
+
+def load_pca(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """float32 (eigen_vectors [128, 128], means [128]) from an .npz/.safetensors file."""
+  return pca_from_state_dict(weights.load_state_dict(path), source=os.fspath(path))
+
+
+def convert_state_dict(
+  state_dict: dict[str, np.ndarray], source: str = "state dict"
+) -> dict[str, Any]:
+  """The converter's hook (`avtok_jax.pretrained.convert`): {'params': ...[, 'pca': ...]}.
+
+  `state_dict` holds torchvggish's `vggish-10086976.pth` keys, possibly merged
+  with the PCA file's (`vggish_pca_params-970ea276.pth`); when any PCA key is
+  present both must be, and they are stored as the collection
+  {'pca': {'eigen_vectors': [128, 128], 'means': [128]}} that `load_vggish`
+  picks up. Raises ValueError naming `source` and every missing or mis-shaped key.
+  """
+  variables: dict[str, Any] = {"params": vggish_params_from_state_dict(state_dict, source=source)}
+  if any(k in state_dict for k in PCA_KEYS):
+    vectors, means = pca_from_state_dict(state_dict, source=source)
+    variables["pca"] = {"eigen_vectors": vectors, "means": means}
+  return variables
+
+
+@functools.lru_cache(maxsize=1)
+def _abstract_variables() -> dict[str, Any]:
+  x = jax.ShapeDtypeStruct((1, EXAMPLE_FRAMES, NUM_MEL_BINS), jnp.float32)
+  abstract = dict(jax.eval_shape(lambda x: VGGishNet().init(jax.random.key(0), x), x))
+  spec = jax.ShapeDtypeStruct
+  abstract["pca"] = {
+    "eigen_vectors": spec((EMBEDDING_SIZE, EMBEDDING_SIZE), jnp.float32),
+    "means": spec((EMBEDDING_SIZE,), jnp.float32),
+  }
+  return abstract
+
+
+def load_converted_vggish(
+  path: PathLike,
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
+  """(params, pca or None) from a folder written by the converter (`--net=vggish`).
+
+  Raises ValueError naming the folder when it is not a converted VGGish or
+  its shapes differ from `VGGishNet`'s.
+  """
+  variables = weights.load_converted(path, "vggish")
+  expected = _abstract_variables()
+  if "pca" not in variables:
+    expected = {"params": expected["params"]}
+  weights.check_variables(variables, expected, source=repr(os.fspath(path)))
+  pca = variables.get("pca")
+  return variables["params"], None if pca is None else (pca["eigen_vectors"], pca["means"])
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -382,7 +452,10 @@ class VGGish:
     [0, 255] with the input's shape. Needs the PCA file (`load_vggish(pca_path=...)`).
     """
     if self.pca is None:
-      raise ValueError("VGGish.postprocess needs PCA parameters: load_vggish(..., pca_path=...).")
+      raise ValueError(
+        "VGGish.postprocess needs PCA parameters: load_vggish(..., pca_path=...), or a folder "
+        "converted with the PCA file as a second --src."
+      )
     e = np.asarray(embeddings, dtype=np.float64)
     if e.shape[-1:] != (EMBEDDING_SIZE,):
       raise ValueError(f"embeddings must end in {EMBEDDING_SIZE}, got shape {e.shape}.")
@@ -402,12 +475,22 @@ def load_vggish(
   dtype: Any = jnp.float32,
   precision: Any = jax.lax.Precision.HIGHEST,
 ) -> VGGish:
-  """Loads torchvggish weights from an .npz/.safetensors file (and optionally the PCA file).
+  """Loads torchvggish weights: a converted folder, or an .npz/.safetensors file.
 
-  Raises ValueError naming the file and every missing or mis-shaped key.
+  `path` is a folder written by `python -m avtok_jax.pretrained.convert
+  --net=vggish` (its PCA parameters, when converted with the PCA file, are
+  used by `VGGish.postprocess`) or a weight file. `pca_path`, an .npz /
+  .safetensors with `pca_eigen_vectors` and `pca_means`, takes precedence over
+  a folder's PCA. Raises ValueError naming the file and every missing or
+  mis-shaped key.
   """
-  params = vggish_params_from_state_dict(weights.load_state_dict(path), source=os.fspath(path))
-  pca = load_pca(pca_path) if pca_path is not None else None
+  if os.path.isdir(path):
+    params, pca = load_converted_vggish(path)
+  else:
+    params = vggish_params_from_state_dict(weights.load_state_dict(path), source=os.fspath(path))
+    pca = None
+  if pca_path is not None:
+    pca = load_pca(pca_path)
   return VGGish(
     params,
     final_relu=final_relu,

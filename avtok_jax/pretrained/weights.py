@@ -26,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 PathLike = str | os.PathLike
@@ -279,3 +281,100 @@ def params_from_state_dict(
   if problems:
     raise ValueError(f"Invalid weights in {source}: " + "; ".join(problems) + ".")
   return tree
+
+
+# ----------------------------------------------------------------------------
+# Converted checkpoints (what `python -m avtok_jax.pretrained.convert` writes)
+# ----------------------------------------------------------------------------
+
+CONVERTED_PARAMS = "variables.msgpack"
+CONVERTED_INFO = "convert.json"
+
+
+def save_converted(
+  dst: PathLike, net: str, variables: Mapping[str, Any], info: Mapping[str, Any]
+) -> pathlib.Path:
+  """Writes a converted network to the folder `dst`: Flax variables + what they came from.
+
+  `dst/variables.msgpack` is `flax.serialization.msgpack_serialize` of the
+  variables tree ({'params': ..., and e.g. 'batch_stats'}; msgpack holds data
+  only, nothing in it is executed on load); `dst/convert.json` records the
+  network name, the source files with their SHA-256 and the parameter count.
+  """
+  from flax import serialization
+
+  dst = pathlib.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  tree = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), dict(variables))
+  count = int(sum(np.size(a) for a in jax.tree_util.tree_leaves(tree)))
+  tmp = dst / (CONVERTED_PARAMS + ".tmp")
+  tmp.write_bytes(serialization.msgpack_serialize(tree))
+  tmp.replace(dst / CONVERTED_PARAMS)
+  meta = {"net": net, "num_parameters": count, **dict(info)}
+  (dst / CONVERTED_INFO).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+  return dst
+
+
+def is_converted(path: PathLike) -> bool:
+  """True when `path` is a folder written by `save_converted`."""
+  return (pathlib.Path(path) / CONVERTED_PARAMS).is_file()
+
+
+def load_converted(path: PathLike, net: str) -> dict[str, Any]:
+  """Reads the variables tree (numpy float32) of a folder written by `save_converted`.
+
+  Raises ValueError naming the folder when it is not a converted checkpoint,
+  holds another network, or its msgpack is unreadable.
+  """
+  from flax import serialization
+
+  path = pathlib.Path(path)
+  info_path, params_path = path / CONVERTED_INFO, path / CONVERTED_PARAMS
+  if not params_path.is_file() or not info_path.is_file():
+    raise ValueError(
+      f"{os.fspath(path)!r} is not a converted checkpoint (want {CONVERTED_PARAMS} and "
+      f"{CONVERTED_INFO}); write one with: python -m avtok_jax.pretrained.convert --net={net} "
+      f"--src=FILE.pth --dst={os.fspath(path)}"
+    )
+  try:
+    info = json.loads(info_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{os.fspath(info_path)!r} is not JSON: {e}") from e
+  if info.get("net") != net:
+    raise ValueError(
+      f"{os.fspath(path)!r} holds a converted {info.get('net')!r} network, not {net!r}."
+    )
+  try:
+    tree = serialization.msgpack_restore(params_path.read_bytes())
+  except Exception as e:  # msgpack raises several unrelated types on corrupt input
+    raise ValueError(f"{os.fspath(params_path)!r} is not a readable msgpack checkpoint: {e}") from e
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise ValueError(f"{os.fspath(params_path)!r} holds no 'params' tree.")
+  return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree)
+
+
+def check_variables(got: Mapping[str, Any], expected: Mapping[str, Any], *, source: str) -> None:
+  """Raises one ValueError naming `source` when `got`'s tree paths or shapes differ from `expected`.
+
+  `expected` may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape(model.init, ...)`).
+  """
+
+  def flat(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(v)) for p, v in leaves}
+
+  want, have = flat(expected), flat(got)
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  shapes = [
+    f"{k}: {have[k]} != {want[k]}" for k in sorted(set(want) & set(have)) if have[k] != want[k]
+  ]
+  problems = []
+  if missing:
+    problems.append(f"missing {missing[:5]} ({len(missing)} in all)")
+  if extra:
+    problems.append(f"unexpected {extra[:5]} ({len(extra)} in all)")
+  if shapes:
+    problems.append(f"wrong shapes {shapes[:5]} ({len(shapes)} in all)")
+  if problems:
+    raise ValueError(f"{source} does not match the network: " + "; ".join(problems) + ".")

