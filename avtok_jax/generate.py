@@ -8,7 +8,9 @@ r"""Command line: generate clips with a trained AR generator, or score it on hel
 The task (a2v, v2a, joint) is the generator's; `--task` may repeat it as a
 check. The tokenizer is the one its token set was made with (tokens.json),
 or `--tokenizer=DIR`. Writes `DIR/sample{i}.mp4` (with sound; a2v keeps the
-input's sound, v2a its frames) and `DIR/samples.png`. `--num_samples` clips
+input's sound, v2a its frames) and `DIR/samples.png`. Generated mels are
+vocoded by the tokenizer run's vocoder (its `config.vocoder.weights`: a
+HiFi-GAN, else Griffin-Lim; `pretrained.configured.wave_maker`). `--num_samples` clips
 per call as one batch (KV cache, one compiled program); the same `--seed`
 gives the same clips. `--cfg_scale`, `--temperature`, `--top_k`, `--top_p`
 override the generator config's `sampling` values.

@@ -746,6 +746,8 @@ def write_samples(
       which the audio spans the frames exactly (the presets' convention).
     sample_rate: audio rate; default `mel_spec.sample_rate`.
     griffin_lim_iters: Griffin-Lim iterations (default: the MelSpec's).
+    wave_fn: normalised mel [F, L] -> waveform; replaces Griffin-Lim (e.g. the
+      HiFi-GAN vocoder of `pretrained.configured.wave_maker`).
     enabled: whether this process writes; default: process 0 only.
 
   Returns:
@@ -771,6 +773,7 @@ def write_sample_folder(
   fps: float | None = None,
   sample_rate: int | None = None,
   griffin_lim_iters: int | None = None,
+  wave_fn: Any = None,
 ) -> dict[str, list[str]]:
   """`write_samples` into `folder` itself (no per-step subfolder); writes on every process."""
   from avtok_jax.data import video_io
@@ -798,6 +801,8 @@ def write_sample_folder(
   if video_in is None:
     return written
 
+  if wave_fn is None:
+    wave_fn = lambda mel: _griffin_lim(mel, mel_spec, griffin_lim_iters)  # noqa: E731
   if (mel_in is not None and audio_in is None) or mel_out is not None:
     if mel_spec is None:
       raise ValueError("write_samples: mel_spec is needed to turn mels into sound (Griffin-Lim).")
@@ -822,7 +827,7 @@ def write_sample_folder(
     if audio_in is not None:
       wave = audio_in[i]
     elif mel_in is not None:
-      wave = _griffin_lim(mel_in[i], mel_spec, griffin_lim_iters)
+      wave = wave_fn(mel_in[i])
     else:
       wave = None
     path = os.path.join(folder, f"clip{i}_input.mp4")
@@ -831,7 +836,7 @@ def write_sample_folder(
     )
     written["input_mp4"].append(path)
     if video_out is not None:
-      wave = None if mel_out is None else _griffin_lim(mel_out[i], mel_spec, griffin_lim_iters)
+      wave = None if mel_out is None else wave_fn(mel_out[i])
       path = os.path.join(folder, f"clip{i}_recon.mp4")
       video_io.write_mp4(
         path, to_uint8_video(video_out[i]), None if wave is None else _playable(wave), fps, rate

@@ -21,8 +21,9 @@ the argmax codes with their provenance to an .npz file:
 | `source`            | str (the input file)                         |
 
 `decode` turns codes back into frames and a mel, vocodes the mel with the
-Griffin-Lim path evaluation uses (denormalise, then `audio.mel_to_wave`) and
-writes an mp4 with sound. A codes file with other shapes or another codebook
+vocoder of the TOKENIZER run's config, as evaluation does
+(`pretrained.configured.wave_maker`: the HiFi-GAN of `config.vocoder.weights`,
+else Griffin-Lim) and writes an mp4 with sound. A codes file with other shapes or another codebook
 size is refused; one from another step or config of a tokenizer with the same
 shapes decodes with a warning.
 
@@ -34,6 +35,7 @@ what a generation CLI reuses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -48,6 +50,7 @@ from avtok_jax import checkpointing, config_lib, reporting
 from avtok_jax.data import audio as audio_lib
 from avtok_jax.data import pipeline, tokens, video_io
 from avtok_jax.data.tfds import common
+from avtok_jax.pretrained import configured
 
 CODES_KEYS = ("video_codes", "audio_codes")
 _SHORT_CLIP = ("pad", "error")
@@ -98,6 +101,28 @@ class Tokenizer:
   @property
   def mel_spec(self) -> audio_lib.MelSpec:
     return audio_lib.MelSpec.from_config(self.data_config)
+
+  @functools.cached_property
+  def wave_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+    """Normalised mel [F, L] -> float32 waveform by this run's vocoder; built on first use, once.
+
+    `pretrained.configured.wave_maker(config)`: the HiFi-GAN of
+    `config.vocoder.weights`, or Griffin-Lim when it is '' (or the config
+    predates the key).
+    """
+    return configured.wave_maker(self.config)
+
+  @property
+  def vocoder(self) -> str:
+    """What `wave_fn` vocodes with: 'hifigan: PATH' or 'griffin_lim'."""
+    return configured.vocoder_name(self.config)
+
+  def vocode(self, mel: Any) -> np.ndarray:
+    """Normalised mel [F, L] or [B, F, L] -> float32 waveform [L * hop] or [B, L * hop]."""
+    mel = np.asarray(mel, np.float32)
+    if mel.ndim == 2:
+      return np.asarray(self.wave_fn(mel), np.float32)
+    return np.stack([np.asarray(self.wave_fn(m), np.float32) for m in mel])
 
 
 def load_tokenizer(workdir: str | os.PathLike, step: int | None = None) -> Tokenizer:
@@ -298,13 +323,15 @@ def check_codes(
   return out[0], out[1]
 
 
-def vocode(mel: np.ndarray, spec: audio_lib.MelSpec) -> np.ndarray:
-  """Normalised mel float [F, L] -> float32 waveform [L * hop] by Griffin-Lim.
+def vocode(mel: np.ndarray, spec: Any) -> np.ndarray:
+  """Normalised mel float [F, L] -> float32 waveform [L * hop].
 
-  The path `evaluation.evaluate` vocodes reconstructions with: `denormalize`,
-  then `audio.mel_to_wave` (the only vocoder available offline; AVTOK.md
-  section 5).
+  `spec`: a `Tokenizer` (its run's vocoder, `Tokenizer.vocode`: HiFi-GAN when
+  its config names one, else Griffin-Lim; what `decode_codes` uses) or an
+  `audio.MelSpec` (Griffin-Lim: `denormalize`, then `audio.mel_to_wave`).
   """
+  if isinstance(spec, Tokenizer):
+    return spec.vocode(mel)
   return audio_lib.mel_to_wave(audio_lib.denormalize(np.asarray(mel, np.float32), spec), spec)
 
 
@@ -314,14 +341,14 @@ def decode_codes(
   """Codes -> (video uint8 [T, H, W, 3], waveform float32 [num_samples]).
 
   Batched codes ([B, n_v], [B, n_a]) give ([B, T, H, W, 3], [B, num_samples]).
-  The waveform is Griffin-Lim of the decoded mel (`vocode`), not clipped.
+  The waveform is the decoded mel vocoded by the tokenizer run's vocoder
+  (`Tokenizer.vocode`: HiFi-GAN or Griffin-Lim), not clipped.
   """
   single = np.ndim(video_codes) == 1
   v, a = check_codes(tok, video_codes, audio_codes)
   recon = jax.device_get(tok.decode_fn(tok.variables, {"video": v, "audio": a}))
   video = reporting.to_uint8_video(np.asarray(recon["video"]))
-  spec = tok.mel_spec
-  wave = np.stack([vocode(m, spec) for m in np.asarray(recon["audio"])])
+  wave = tok.vocode(np.asarray(recon["audio"]))
   return (video[0], wave[0]) if single else (video, wave)
 
 
@@ -494,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
       print(
         f"Decoded {fv.codes} with {tok.workdir} step {tok.step}: {video.shape[0]} frames "
         f"{video.shape[1]}x{video.shape[2]}, {wave.shape[0] / tok.data_config.sample_rate:.3f} s "
-        f"of Griffin-Lim audio -> {fv.output}"
+        f"of audio ({tok.vocoder}) -> {fv.output}"
       )
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"avtok_jax.tokenize {command}: {e}") from e

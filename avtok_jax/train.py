@@ -43,6 +43,7 @@ from avtok_jax.models import alignment, build_tokenizer, discriminator
 from avtok_jax.models import prior as prior_lib
 from avtok_jax.models import quantizer as quantizer_lib
 from avtok_jax.models import tokenizer as tokenizer_lib
+from avtok_jax.pretrained import configured, lpips
 
 PROJECTOR = "{}_projector"
 
@@ -89,13 +90,11 @@ class Models:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.tokenizer = build_tokenizer(config.model, config.data)
-    if config.alignment.teacher != "random":
-      raise ValueError(
-        f"config.alignment.teacher={config.alignment.teacher!r}: the only teacher today is 'random'."
-      )
-    self.teacher = alignment.RandomFeatureTeacher(
-      seed=config.alignment.teacher_seed, feature_dim=config.alignment.feature_dim
-    )
+    # Pretrained networks by config alone (`pretrained.configured`): the L_rep
+    # teacher ('random' or 'cav_mae') and LPIPS for the perceptual term.
+    self.teacher = configured.build_teacher(config)
+    self.lpips = configured.load_lpips(config)
+    self.wave_fn = configured.wave_maker(config)  # vocoder for samples, else Griffin-Lim
     # The projector maps patch-wise tokens into the teacher's feature space [REPA].
     self.projectors = {
       m: alignment.Projector(
@@ -258,8 +257,16 @@ def make_train_step(config, models: Models, tx, disc_tx, trainable):
         # Before gan.start_step the term is computed but weighted 0 (one program).
         terms["gan"] = jnp.where(gan_on, sum(adv) / len(adv), 0.0)
       if "video" in modalities and weights.get("perceptual"):
-        # No LPIPS network yet (a later issue): the term is skipped with a warning.
-        terms["perceptual"] = losses.perceptual(None, outputs["video"]["recon"], targets["video"])
+        # LPIPS(VGG16) on the frames when `config.lpips.weights` is set; without
+        # it the term is skipped with a warning (never faked).
+        lpips_fn = None
+        if models.lpips is not None:
+          lpips_fn = functools.partial(lpips.lpips_apply, models.lpips.params)
+        terms["perceptual"] = losses.perceptual(
+          lpips_fn,
+          models.unpatchify("video", outputs["video"]["recon"]),
+          models.unpatchify("video", targets["video"]),
+        )
       total, logged = losses.combine(terms, weights)
       return total, (logged, new_vars["codebook_stats"], outputs, fakes)
 
@@ -726,5 +733,6 @@ def _write_samples(config, models, eval_fn, state, batch, workdir, step):
     fps=config_lib.fps(config.data),
     sample_rate=config.data.sample_rate,
     enabled=jax.process_index() == 0,
+    wave_fn=models.wave_fn,
     **kwargs,
   )

@@ -487,7 +487,8 @@ def write_generated(folder: str, task: Task, codec, batch, generated) -> list[st
 
   a2v: the generated video with the conditioning clip's sound (decoded from
   its audio codes); v2a: the conditioning video (decoded) with the generated
-  sound; joint: both generated. `codec` is an `evaluation.generation.Codec`.
+  sound; joint: both generated. `codec` is an `evaluation.generation.Codec`;
+  its `vocode` uses the tokenizer run's vocoder (HiFi-GAN or Griffin-Lim).
   The conditioning clips (decoded) go to `clip{i}_condition.mp4` (a2v, v2a).
   """
   codes = {"video": np.asarray(batch["video_codes"]), "audio": np.asarray(batch["audio_codes"])}

@@ -2,7 +2,7 @@ r"""Vanilla joint training from scratch: the ablation VFAL is compared with.
 
 AVTOK.md section 4. Both modalities from the first step, every parameter
 trainable (the AR prior at lr x50 [LARP]), every loss term: both
-reconstruction terms (+ LPIPS when `lpips_weights` is given), GAN on video
+reconstruction terms (+ LPIPS when `lpips.weights` is given), GAN on video
 and mel (mel only for `small`, as VFAL stage 3), L_vq, L_prior over
 [video ; audio], L_rep on both streams.
 

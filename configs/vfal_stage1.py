@@ -4,7 +4,7 @@ AVTOK.md section 4. Trains the shared encoder and decoder, quant_in /
 quantizer (the codebook) / quant_out, every video_* module, the AR prior
 (lr x50 [LARP]) and the video alignment projector. The audio modules and the
 audio projector exist in the tree but are frozen (and not run). Losses:
-L^v_rec (L1 + L2, + LPIPS when `lpips_weights` is given), GAN on video,
+L^v_rec (L1 + L2, + LPIPS when `lpips.weights` is given), GAN on video,
 L_vq, L_prior over the video codes, L_rep(video).
 
 Launch (the CPU demo; stages 2 and 3 start from this run's workdir):

@@ -5,7 +5,7 @@ with the tokens fixed: the encoder side (encoder, quant_in, quantizer, the
 *_embed / *_in_norm / holistic *_queries modules), the AR prior and both
 alignment projectors are frozen. Trains the shared decoder, quant_out and,
 per modality, the patch queries, output LayerNorm and head. Losses: both
-reconstruction terms (+ LPIPS when `lpips_weights` is given) and the GAN on
+reconstruction terms (+ LPIPS when `lpips.weights` is given) and the GAN on
 video and mel (mel only for `small`, see GAN_MODALITIES), from the first
 step (the decoder starts from a trained state).
 

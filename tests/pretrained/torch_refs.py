@@ -22,6 +22,19 @@ import torch.nn.functional as F
 
 from avtok_jax.pretrained import lpips
 
+
+def vgg_features(c_in: int, plan: tuple) -> torch.nn.Sequential:
+  """torchvision-style VGG `features`: 3x3 conv + ReLU per number, 2x2 max pool per "M"."""
+  layers = []
+  for v in plan:
+    if v == "M":
+      layers.append(torch.nn.MaxPool2d(2, 2))
+    else:
+      layers += [torch.nn.Conv2d(c_in, v, 3, padding=1), torch.nn.ReLU()]
+      c_in = v
+  return torch.nn.Sequential(*layers)
+
+
 # ----------------------------------------------------------------------------
 # LPIPS-VGG
 # ----------------------------------------------------------------------------
@@ -32,14 +45,9 @@ class TorchLPIPS(torch.nn.Module):
 
   def __init__(self):
     super().__init__()
-    layers, c_in = [], 3
-    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
-      if v == "M":
-        layers.append(torch.nn.MaxPool2d(2, 2))
-      else:
-        layers += [torch.nn.Conv2d(c_in, v, 3, padding=1), torch.nn.ReLU()]
-        c_in = v
-    self.features = torch.nn.Sequential(*layers)
+    self.features = vgg_features(
+      3, (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+    )
     for k, c in enumerate(lpips.TAP_CHANNELS):
       head = torch.nn.Module()
       head.model = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Conv2d(c, 1, 1, bias=False))
@@ -104,14 +112,7 @@ class TorchVGGish(torch.nn.Module):
 
   def __init__(self, final_relu: bool = True):
     super().__init__()
-    layers, c_in = [], 1
-    for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
-      if v == "M":
-        layers.append(torch.nn.MaxPool2d(2, 2))
-      else:
-        layers += [torch.nn.Conv2d(c_in, v, 3, padding=1), torch.nn.ReLU()]
-        c_in = v
-    self.features = torch.nn.Sequential(*layers)
+    self.features = vgg_features(1, (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"))
     fcs = [torch.nn.Linear(512 * 4 * 6, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096)]
     fcs += [torch.nn.ReLU(), torch.nn.Linear(4096, 128)]
     self.embeddings = torch.nn.Sequential(*fcs, *([torch.nn.ReLU()] if final_relu else []))
