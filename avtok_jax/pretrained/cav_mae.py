@@ -436,6 +436,19 @@ def _infer(
   return dataclasses.replace(base, **{**found, **overrides})
 
 
+CONFIG_CLASS = CAVMAEConfig
+
+
+def config_for_state_dict(
+  state_dict: Mapping[str, Any], *, source: str = "state dict", **overrides: Any
+) -> CAVMAEConfig:
+  """`infer_config` with `overrides` (the converter's `--set`, e.g. num_heads=16)."""
+  try:
+    return infer_config(_strip_module(state_dict), **overrides)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{source}: no valid CAVMAEConfig with {overrides}: {e}") from e
+
+
 def convert_state_dict(
   state_dict: Mapping[str, np.ndarray],
   source: str = "state dict",
@@ -808,7 +821,11 @@ def load_cav_mae(
   source = repr(os.fspath(path))
   if weights.is_converted(path) or os.path.isdir(path):
     variables = weights.load_converted(path, "cav_mae")
-    if config is None:
+    stored = weights.converted_info(path).get("config")
+    if config is None and stored is not None:
+      config = weights.config_from_json(CAVMAEConfig, stored, source=source)
+      config = dataclasses.replace(config, **overrides)
+    elif config is None:
       config = config_from_params(variables["params"], **overrides)
     elif overrides:
       config = dataclasses.replace(config, **overrides)

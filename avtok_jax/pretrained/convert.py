@@ -1,6 +1,7 @@
 """Converts a public PyTorch checkpoint into a Flax checkpoint folder, once.
 
-  python -m avtok_jax.pretrained.convert --net=NAME --src=FILE.pth[,FILE2.pth] --dst=DIR
+  python -m avtok_jax.pretrained.convert --net=NAME --src=FILE.pth[,FILE2.pth] --dst=DIR \
+      [--set=KEY=VALUE ...]
 
 NAME is one of `NETS`. The source is read without executing pickled code:
 `.pth` / `.pt` / `.ckpt` files go through `torch.load(weights_only=True)`
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import pathlib
 import sys
@@ -196,17 +198,48 @@ def net_module(net: str):
   return importlib.import_module(f"avtok_jax.pretrained.{NETS[net]}")
 
 
-def convert(net: str, src: PathLike | Sequence[PathLike], dst: PathLike) -> pathlib.Path:
-  """Reads `src` (one file or several, merged), converts it for `net`, writes the folder `dst`."""
+def convert(
+  net: str, src: PathLike | Sequence[PathLike], dst: PathLike, **overrides: Any
+) -> pathlib.Path:
+  """Reads `src` (one file or several, merged), converts it for `net`, writes the folder `dst`.
+
+  `overrides` set fields of the net's size config (`hifigan.HiFiGANConfig`,
+  `cav_mae.CAVMAEConfig`) that the weights do not determine.
+  """
   module = net_module(net)
   paths = [src] if isinstance(src, str | os.PathLike) else list(src)
   if not paths:
     raise ValueError("No --src file given.")
   state_dict = weights.load_state_dicts(paths, reader=read_state_dict)
   source = ", ".join(repr(os.fspath(p)) for p in paths)
-  variables = module.convert_state_dict(state_dict, source=source)
-  info = {"sources": [{"path": os.fspath(p), "sha256": _sha256(p)} for p in paths]}
+  info: dict[str, Any] = {"sources": [{"path": os.fspath(p), "sha256": _sha256(p)} for p in paths]}
+  config_cls = getattr(module, "CONFIG_CLASS", None)
+  if config_cls is None:
+    if overrides:
+      raise ValueError(f"--net={net} has no size config; --set {sorted(overrides)} does not apply.")
+    variables = module.convert_state_dict(state_dict, source=source)
+  else:
+    # Sizes no weight shape holds (CAV-MAE's head count, HiFi-GAN's upsample
+    # rates) are inferred as in the released models unless --set says; the
+    # resolved config goes into convert.json, where the loaders read it.
+    config = module.config_for_state_dict(state_dict, source=source, **overrides)
+    variables = module.convert_state_dict(state_dict, source=source, config=config)
+    info["config"] = weights.config_to_json(config)
   return weights.save_converted(dst, net, variables, info)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """['num_heads=12', 'upsample_rates=[8,8,2,2]'] -> {'num_heads': 12, ...} (values as JSON)."""
+  out: dict[str, Any] = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"--set {item!r} is not KEY=VALUE.")
+    try:
+      out[key.strip()] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key.strip()] = value
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,9 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--net", required=True, help=f"one of {', '.join(sorted(NETS))}")
   parser.add_argument("--src", required=True, help="checkpoint file(s), comma-separated")
   parser.add_argument("--dst", required=True, help="output folder")
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="a size-config field the weights do not determine (hifigan, cav_mae), e.g. num_heads=16",
+  )
   args = parser.parse_args(argv)
   try:
-    out = convert(args.net, [s for s in args.src.split(",") if s], args.dst)
+    overrides = parse_overrides(args.set)
+    out = convert(args.net, [s for s in args.src.split(",") if s], args.dst, **overrides)
   except (ValueError, OSError) as e:  # OSError: e.g. --dst is a file, or not writable
     print("error: " + " ".join(str(e).split()), file=sys.stderr)
     return 2

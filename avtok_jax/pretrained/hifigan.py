@@ -458,19 +458,22 @@ def _infer(
   resblock_kernels: Sequence[int],
   num_dilations: int,
   source: str,
+  overrides: Mapping[str, Any] | None = None,
 ) -> HiFiGANConfig:
-  """A config from the sizes that weights reveal (see `infer_config`)."""
+  """A config from the sizes that weights reveal (see `infer_config`), then `overrides`."""
+  overrides = dict(overrides or {})
   problems = []
-  if any(k % 2 for k in up_kernels):
+  if any(k % 2 for k in up_kernels) and "upsample_rates" not in overrides:
     problems.append(f"upsample kernel sizes {tuple(up_kernels)} are not all even")
-  if num_dilations != 3:
+  if num_dilations != 3 and "resblock_dilation_sizes" not in overrides:
     problems.append(f"resblocks have {num_dilations} dilated convs, not 3 (dilations 1, 3, 5)")
   if problems:
     raise ValueError(
       f"Cannot infer the HiFi-GAN config of {source}: " + "; ".join(problems) + ". Its upsample "
-      "rates / dilations are not the public V1/V2 ones; pass config=HiFiGANConfig(...)."
+      "rates / dilations are not the public V1/V2 ones; pass config=HiFiGANConfig(...) (converter: "
+      "--set=upsample_rates=[...] --set=resblock_dilation_sizes=[[...], ...])."
     )
-  return HiFiGANConfig(
+  inferred = dict(
     n_mels=n_mels,
     upsample_rates=tuple(k // 2 for k in up_kernels),
     upsample_kernel_sizes=tuple(up_kernels),
@@ -478,6 +481,12 @@ def _infer(
     resblock_kernel_sizes=tuple(resblock_kernels),
     resblock_dilation_sizes=((1, 3, 5),) * len(resblock_kernels),
   )
+  fields = {f.name for f in dataclasses.fields(HiFiGANConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"{source}: unknown HiFiGANConfig fields {unknown} (known: {sorted(fields)}).")
+  tuples = lambda x: tuple(tuples(v) for v in x) if isinstance(x, list | tuple) else x  # noqa: E731
+  return HiFiGANConfig(**{**inferred, **{k: tuples(v) for k, v in overrides.items()}})
 
 
 def _count(keys: Sequence[str], pattern: str) -> int:
@@ -486,7 +495,9 @@ def _count(keys: Sequence[str], pattern: str) -> int:
   return max(found) + 1 if found else 0
 
 
-def infer_config(state_dict: Mapping[str, Any], *, source: str = "state dict") -> HiFiGANConfig:
+def infer_config(
+  state_dict: Mapping[str, Any], *, source: str = "state dict", **overrides: Any
+) -> HiFiGANConfig:
   """The generator config implied by a torch state dict's keys and shapes.
 
   Read from the weights: n_mels and upsample_initial_channel (conv_pre), the
@@ -521,7 +532,7 @@ def infer_config(state_dict: Mapping[str, Any], *, source: str = "state dict") -
     shape = _torch_weight_shape(state_dict, f"resblocks.{j}.convs1.0")
     resblock_kernels.append(shape[-1] if shape else 3)
   num_dilations = _count(keys, r"resblocks\.0\.convs1\.(\d+)\.")
-  return _infer(n_mels, channels, up_kernels, resblock_kernels, num_dilations, source)
+  return _infer(n_mels, channels, up_kernels, resblock_kernels, num_dilations, source, overrides)
 
 
 def config_from_params(params: Mapping[str, Any], *, source: str = "params") -> HiFiGANConfig:
@@ -541,6 +552,18 @@ def config_from_params(params: Mapping[str, Any], *, source: str = "params") -> 
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{source} is not a HiFi-GAN generator params tree: {e!r}") from e
   return _infer(n_mels, channels, up_kernels, rks, num_dilations, source)
+
+
+CONFIG_CLASS = HiFiGANConfig
+
+
+def config_for_state_dict(
+  state_dict: Mapping[str, Any], *, source: str = "state dict", **overrides: Any
+) -> HiFiGANConfig:
+  """`infer_config` with `overrides` (the converter's `--set`), which may supply the
+  upsample rates / dilations that the shapes cannot; `convert_state_dict` then
+  checks every shape against the result."""
+  return infer_config(state_dict, source=source, **overrides)
 
 
 def convert_state_dict(
@@ -752,6 +775,9 @@ def load_vocoder(
   if os.path.isdir(path):
     variables = weights.load_converted(path, "hifigan")
     params = variables["params"]
+    stored = weights.converted_info(path).get("config")
+    if config is None and stored is not None:
+      config = weights.config_from_json(HiFiGANConfig, stored, source=source)
     config = config or config_from_params(params, source=source)
   else:
     state_dict = weights.load_state_dict(path)

@@ -327,6 +327,35 @@ def is_converted(path: PathLike) -> bool:
   return (pathlib.Path(path) / CONVERTED_PARAMS).is_file()
 
 
+def config_to_json(config: Any) -> dict[str, Any]:
+  """A size-config dataclass as JSON-ready data (tuples become lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_json(cls: type, data: Mapping[str, Any], *, source: str) -> Any:
+  """`cls(**data)` with JSON lists back to tuples; unknown fields are an error naming `source`."""
+
+  def tuples(x):
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - names)
+  if unknown:
+    raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown} in {CONVERTED_INFO}.")
+  return cls(**{k: tuples(v) for k, v in data.items()})
+
+
+def converted_info(path: PathLike) -> dict[str, Any]:
+  """The `convert.json` of a converted folder ({} when it has none or is not a folder)."""
+  info_path = pathlib.Path(path) / CONVERTED_INFO
+  if not info_path.is_file():
+    return {}
+  try:
+    return json.loads(info_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{os.fspath(info_path)!r} is not JSON: {e}") from e
+
+
 def load_converted(path: PathLike, net: str) -> dict[str, Any]:
   """Reads the variables tree (numpy float32) of a folder written by `save_converted`.
 

@@ -26,7 +26,7 @@ from torch import nn
 from avtok_jax import config_lib
 from avtok_jax.data import audio
 from avtok_jax.models import alignment
-from avtok_jax.pretrained import cav_mae, convert
+from avtok_jax.pretrained import cav_mae, convert, weights
 
 torch.set_default_dtype(torch.float32)
 
@@ -143,9 +143,35 @@ def _convert(patch: int, tmp):
   model = _torch_model(config, seed=patch)
   sd = {f"module.{k}": v for k, v in model.state_dict().items()}
   torch.save(sd, tmp / "cav.pth")
-  dst = convert.convert("cav_mae", tmp / "cav.pth", tmp / "converted")
-  variables, loaded_config = cav_mae.load_cav_mae(dst, num_heads=2, num_mel_bins=32)
+  # Heads and mel bins are in no weight shape: given at conversion (the CLI's
+  # --set for one patch size, the function's keywords for the other), recorded
+  # in convert.json, and read back by the loader without being repeated.
+  dst = tmp / "converted"
+  if patch == 8:
+    argv = ["--net=cav_mae", f"--src={tmp / 'cav.pth'}", f"--dst={dst}"]
+    assert convert.main(argv + ["--set=num_heads=2", "--set", "num_mel_bins=32"]) == 0
+  else:
+    convert.convert("cav_mae", tmp / "cav.pth", dst, num_heads=2, num_mel_bins=32)
+  variables, loaded_config = cav_mae.load_cav_mae(dst)
+  assert loaded_config == config
   return config, model, variables, loaded_config, tmp
+
+
+def test_config_recorded_at_conversion_and_bad_overrides(tmp_path):
+  config = CONFIGS[16]
+  torch.save(_torch_model(config).state_dict(), tmp_path / "cav.pth")
+  # Without --set, the released models' defaults are assumed (width // 64 heads, 128 bins):
+  # wrong for this small model, and recorded as such, so a user can see what was assumed.
+  dst = convert.convert("cav_mae", tmp_path / "cav.pth", tmp_path / "default")
+  info = weights.converted_info(dst)
+  assert info["config"]["num_heads"] == 1 and info["config"]["num_mel_bins"] == 128
+  with pytest.raises(ValueError, match="no valid CAVMAEConfig"):
+    convert.convert("cav_mae", tmp_path / "cav.pth", tmp_path / "bad", num_layers=3)
+  with pytest.raises(ValueError, match="no size config"):
+    convert.convert("i3d", tmp_path / "cav.pth", tmp_path / "bad", num_heads=3)
+  assert convert.parse_overrides(["a=[8, 8]", "b=x", "c=2"]) == {"a": [8, 8], "b": "x", "c": 2}
+  with pytest.raises(ValueError, match="not KEY=VALUE"):
+    convert.parse_overrides(["num_heads"])
 
 
 @pytest.fixture(scope="module", params=[16, 8], ids=["p16", "p8"])

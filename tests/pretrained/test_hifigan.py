@@ -247,6 +247,30 @@ def test_explicit_config_for_non_v1_rates(log_mel):
   _assert_close(np.asarray(got), _torch_wave(torch_model, log_mel[:1]))
 
 
+def test_converter_set_records_the_config_for_the_loader(log_mel, tmp_path):
+  """`--set` gives what the shapes cannot; convert.json keeps it; load_vocoder reads it back."""
+  cfg = hifigan.HiFiGANConfig(
+    n_mels=32,
+    upsample_rates=(3,),
+    upsample_kernel_sizes=(7,),
+    upsample_initial_channel=8,
+    resblock_kernel_sizes=(3,),
+    resblock_dilation_sizes=((1, 2),),
+  )
+  torch_model = _torch_model(cfg, seed=1)
+  torch.save({"generator": torch_model.state_dict()}, tmp_path / "g_odd")  # no suffix, as released
+  argv = ["--net=hifigan", f"--src={tmp_path / 'g_odd'}", f"--dst={tmp_path / 'out'}"]
+  assert convert.main(argv) == 2  # not inferable, and nothing given
+  sets = ["--set=upsample_rates=[3]", "--set=resblock_dilation_sizes=[[1, 2]]"]
+  assert convert.main(argv + sets) == 0
+  assert weights.converted_info(tmp_path / "out")["config"]["upsample_rates"] == [3]
+  mel = audio.MelSpec(sample_rate=96, n_fft=9, hop_length=3, win_length=9, n_mels=32, fmax=48)
+  vocoder = hifigan.load_vocoder(tmp_path / "out", mel_spec=mel, vocoder_mel=mel)
+  assert vocoder.config == cfg
+  got = vocoder.log_mel_to_wave(log_mel[:1])
+  _assert_close(np.asarray(got), _torch_wave(torch_model, log_mel[:1]))
+
+
 def test_v1_layout_and_size():
   """A full-size V1 torch generator: keys/shapes as published, 13.92 M parameters, V1 inferred."""
   sd = _state_dict(_TorchGenerator(hifigan.HiFiGANConfig()))
