@@ -226,16 +226,20 @@ def test_transposed_conv_matches_torch_for_odd_padding():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+# Rates that are not kernel / 2 and two dilations: not inferable from the shapes.
+_ODD = hifigan.HiFiGANConfig(
+  n_mels=32,
+  upsample_rates=(3,),
+  upsample_kernel_sizes=(7,),
+  upsample_initial_channel=8,
+  resblock_kernel_sizes=(3,),
+  resblock_dilation_sizes=((1, 2),),
+)
+
+
 def test_explicit_config_for_non_v1_rates(log_mel):
   """Rates that are not kernel / 2 cannot be inferred: config= gives them."""
-  cfg = hifigan.HiFiGANConfig(
-    n_mels=32,
-    upsample_rates=(3,),
-    upsample_kernel_sizes=(7,),
-    upsample_initial_channel=8,
-    resblock_kernel_sizes=(3,),
-    resblock_dilation_sizes=((1, 2),),
-  )
+  cfg = _ODD
   torch_model = _torch_model(cfg, seed=1)
   sd = _state_dict(torch_model)
   with pytest.raises(ValueError, match="pass config="):
@@ -249,14 +253,7 @@ def test_explicit_config_for_non_v1_rates(log_mel):
 
 def test_converter_set_records_the_config_for_the_loader(log_mel, tmp_path):
   """`--set` gives what the shapes cannot; convert.json keeps it; load_vocoder reads it back."""
-  cfg = hifigan.HiFiGANConfig(
-    n_mels=32,
-    upsample_rates=(3,),
-    upsample_kernel_sizes=(7,),
-    upsample_initial_channel=8,
-    resblock_kernel_sizes=(3,),
-    resblock_dilation_sizes=((1, 2),),
-  )
+  cfg = _ODD
   torch_model = _torch_model(cfg, seed=1)
   torch.save({"generator": torch_model.state_dict()}, tmp_path / "g_odd")  # no suffix, as released
   argv = ["--net=hifigan", f"--src={tmp_path / 'g_odd'}", f"--dst={tmp_path / 'out'}"]
