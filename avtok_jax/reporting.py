@@ -22,6 +22,7 @@ jax arrays and copies them to the host.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -697,14 +698,6 @@ def save_png(path: PathLike, image: np.ndarray) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _griffin_lim(mel: np.ndarray, spec: Any, n_iter: int | None) -> np.ndarray:
-  """Normalised mel [F, L] -> waveform in [-1, 1] via denormalize + Griffin-Lim."""
-  from avtok_jax.data import audio
-
-  log_mel = audio.denormalize(np.asarray(mel, dtype=np.float32), spec)
-  return audio.mel_to_wave(log_mel, spec, n_iter=n_iter)
-
-
 def _playable(wave: np.ndarray) -> np.ndarray:
   # AAC clips hard outside [-1, 1]; do it ourselves (and drop NaN) so the
   # encoder never sees an invalid sample. No loudness normalisation: the
@@ -802,7 +795,11 @@ def write_sample_folder(
     return written
 
   if wave_fn is None:
-    wave_fn = lambda mel: _griffin_lim(mel, mel_spec, griffin_lim_iters)  # noqa: E731
+    from avtok_jax.data import audio
+
+    wave_fn = functools.partial(
+      audio.normalized_mel_to_wave, spec=mel_spec, n_iter=griffin_lim_iters
+    )
   if (mel_in is not None and audio_in is None) or mel_out is not None:
     if mel_spec is None:
       raise ValueError("write_samples: mel_spec is needed to turn mels into sound (Griffin-Lim).")

@@ -323,16 +323,10 @@ def check_codes(
   return out[0], out[1]
 
 
-def vocode(mel: np.ndarray, spec: Any) -> np.ndarray:
-  """Normalised mel float [F, L] -> float32 waveform [L * hop].
-
-  `spec`: a `Tokenizer` (its run's vocoder, `Tokenizer.vocode`: HiFi-GAN when
-  its config names one, else Griffin-Lim; what `decode_codes` uses) or an
-  `audio.MelSpec` (Griffin-Lim: `denormalize`, then `audio.mel_to_wave`).
-  """
-  if isinstance(spec, Tokenizer):
-    return spec.vocode(mel)
-  return audio_lib.mel_to_wave(audio_lib.denormalize(np.asarray(mel, np.float32), spec), spec)
+def vocode(mel: np.ndarray, spec: audio_lib.MelSpec) -> np.ndarray:
+  """Normalised mel float [F, L] -> float32 waveform [L * hop] by Griffin-Lim
+  (`audio.normalized_mel_to_wave`); `Tokenizer.vocode` uses the run's vocoder instead."""
+  return audio_lib.normalized_mel_to_wave(mel, spec)
 
 
 def decode_codes(

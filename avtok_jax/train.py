@@ -94,7 +94,6 @@ class Models:
     # teacher ('random' or 'cav_mae') and LPIPS for the perceptual term.
     self.teacher = configured.build_teacher(config)
     self.lpips = configured.load_lpips(config)
-    self.wave_fn = configured.wave_maker(config)  # vocoder for samples, else Griffin-Lim
     # The projector maps patch-wise tokens into the teacher's feature space [REPA].
     self.projectors = {
       m: alignment.Projector(
@@ -113,6 +112,14 @@ class Models:
     c = config.data
     self.video_shape = (c.num_frames, c.height, c.width, 3)
     self.mel_shape = (c.mel.n_mels, config_lib.num_mel_frames(c))
+
+  @functools.cached_property
+  def wave_fn(self):
+    """Normalised mel -> waveform for the samples: the configured vocoder, else Griffin-Lim.
+
+    Built on first use, so runs that write no samples (and the planner) never load a vocoder.
+    """
+    return configured.wave_maker(self.config)
 
   def unpatchify(self, modality: str, x: jax.Array) -> jax.Array:
     if modality == "video":

@@ -267,6 +267,14 @@ def mel_to_wave(
   return wave.astype(np.float32)
 
 
+def normalized_mel_to_wave(
+  mel: np.ndarray, spec: MelSpec, *, n_iter: int | None = None
+) -> np.ndarray:
+  """Griffin-Lim of a NORMALISED mel [n_mels, frames] (model units): `denormalize`, then
+  `mel_to_wave`. The offline vocoder of samples, evaluation and decoding."""
+  return mel_to_wave(denormalize(np.asarray(mel, np.float32), spec), spec, n_iter=n_iter)
+
+
 def spectral_convergence(
   target: np.ndarray,
   estimate: np.ndarray,

@@ -19,6 +19,7 @@ Configs saved by older runs lack some keys; they read as ''.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -113,9 +114,7 @@ def wave_maker(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.n
   vocoder = load_vocoder(config)
   if vocoder is not None:
     return lambda mel: np.asarray(vocoder(np.asarray(mel, np.float32)), np.float32)
-  return lambda mel: audio_lib.mel_to_wave(
-    audio_lib.denormalize(np.asarray(mel, np.float32), spec), spec
-  )
+  return functools.partial(audio_lib.normalized_mel_to_wave, spec=spec)
 
 
 def build_teacher(config: ml_collections.ConfigDict):

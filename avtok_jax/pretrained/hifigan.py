@@ -485,8 +485,8 @@ def _infer(
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"{source}: unknown HiFiGANConfig fields {unknown} (known: {sorted(fields)}).")
-  tuples = lambda x: tuple(tuples(v) for v in x) if isinstance(x, list | tuple) else x  # noqa: E731
-  return HiFiGANConfig(**{**inferred, **{k: tuples(v) for k, v in overrides.items()}})
+  overrides = {k: weights.lists_to_tuples(v) for k, v in overrides.items()}
+  return HiFiGANConfig(**{**inferred, **overrides})
 
 
 def _count(keys: Sequence[str], pattern: str) -> int:

@@ -324,10 +324,6 @@ def _abstract_variables(num_classes: int = NUM_CLASSES) -> dict:
   return jax.eval_shape(lambda x: InceptionI3d(num_classes).init(jax.random.key(0), x), x)
 
 
-def _keystr(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def _validated(variables: Any, source: str, *, flatten_stats: bool) -> dict[str, Any]:
   """`variables` as float32 numpy in `InceptionI3d`'s tree, or ValueError naming `source`.
 
@@ -341,38 +337,17 @@ def _validated(variables: Any, source: str, *, flatten_stats: bool) -> dict[str,
       f"{source} is not an I3D checkpoint: want keys params, batch_stats; got {keys}."
     )
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  try:
-    got = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
-  except TypeError as e:  # non-dict containers
-    raise ValueError(f"{source} does not hold a tree of arrays: {e}") from e
-  got_names = {_keystr(k): v for k, v in got.items()}
   num_classes = NUM_CLASSES
-  logits_bias = got_names.get("params/Logits/Conv3d_0c_1x1/Conv_0/bias")
+  try:
+    logits_bias = variables["params"]["Logits/Conv3d_0c_1x1"]["Conv_0"]["bias"]
+  except (KeyError, TypeError):
+    logits_bias = None
   if logits_bias is not None and np.ndim(logits_bias) == 1 and np.size(logits_bias) > 0:
     num_classes = int(np.size(logits_bias))
-  abstract = _abstract_variables(num_classes)
-  expected = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
-  want_names = {_keystr(k): v for k, v in expected.items()}
-  missing = sorted(set(want_names) - set(got_names))
-  extra = sorted(set(got_names) - set(want_names))
-  if missing or extra:
-    raise ValueError(
-      f"{source} does not match InceptionI3d: missing {missing[:5]} ({len(missing)} in all), "
-      f"unexpected {extra[:5]} ({len(extra)} in all)."
-    )
-  bad = []
-  for name, want in want_names.items():
-    arr = np.asarray(got_names[name])
-    if flatten_stats and name.startswith("batch_stats/"):
-      arr = arr.reshape(-1)  # stored as [1, 1, 1, 1, C]
-    if arr.shape != want.shape:
-      bad.append(f"{name}: {arr.shape} != {want.shape}")
-    got_names[name] = arr.astype(np.float32)
-  if bad:
-    raise ValueError(f"{source} has wrongly shaped arrays: {bad[:5]} ({len(bad)} in all).")
-  treedef = jax.tree_util.tree_structure(abstract)
-  # `expected` was flattened in the treedef's order, so the leaves line up.
-  return jax.tree_util.tree_unflatten(treedef, [got_names[_keystr(k)] for k in expected])
+  if flatten_stats:  # stored as [1, 1, 1, 1, C]
+    variables["batch_stats"] = jax.tree.map(lambda a: np.reshape(a, -1), variables["batch_stats"])
+  weights.check_variables(variables, _abstract_variables(num_classes), source=source)
+  return jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
 
 
 def load_i3d_params(path: PathLike | None = None) -> dict[str, Any]:

@@ -332,17 +332,18 @@ def config_to_json(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def lists_to_tuples(x: Any) -> Any:
+  """Nested lists (JSON, `--set` values) -> nested tuples, as frozen size configs hold them."""
+  return tuple(lists_to_tuples(v) for v in x) if isinstance(x, list | tuple) else x
+
+
 def config_from_json(cls: type, data: Mapping[str, Any], *, source: str) -> Any:
   """`cls(**data)` with JSON lists back to tuples; unknown fields are an error naming `source`."""
-
-  def tuples(x):
-    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(data) - names)
   if unknown:
     raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown} in {CONVERTED_INFO}.")
-  return cls(**{k: tuples(v) for k, v in data.items()})
+  return cls(**{k: lists_to_tuples(v) for k, v in data.items()})
 
 
 def converted_info(path: PathLike) -> dict[str, Any]:
