@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from avtok_jax.models import generator as generator_lib
+from avtok_jax.models import layers
 
 # -----------------------------------------------------------------------------
 # Logit filters (pure functions on [..., V] float logits).
@@ -108,7 +109,7 @@ def choose_tokens(
   logits = logits / temperature
   logits = top_k_filter(logits, top_k)
   logits = top_p_filter(logits, top_p)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return layers.gumbel_max(key, logits)
 
 
 # -----------------------------------------------------------------------------

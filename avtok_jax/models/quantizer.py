@@ -58,6 +58,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from avtok_jax.models import layers
+
 Dtype = Any
 
 # The search runs in float32 at full matmul precision: code_dim is 16, so it
@@ -213,8 +215,8 @@ def _local_best(
   scores = jnp.einsum("nd,kd->nk", z, codebook, precision=_SEARCH_PRECISION)
   if noise is not None:
     scores = scores / temperature + noise
-  # jnp.argmax returns the first maximal index: lowest index on ties.
-  return jnp.max(scores, axis=-1), jnp.argmax(scores, axis=-1).astype(jnp.int32) + offset
+  # first_argmax returns the first maximal index (lowest index on ties), as jnp.argmax.
+  return jnp.max(scores, axis=-1), layers.first_argmax(scores) + offset
 
 
 def _local_lookup(codes: jax.Array, codebook: jax.Array, offset: jax.Array | int) -> jax.Array:

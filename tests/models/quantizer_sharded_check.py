@@ -164,9 +164,21 @@ def main(out_dir: str) -> None:
     for mode, text in hlo.items()
   }
   # Dispatch: a data-only mesh or rules without 'vocab' run the plain path.
-  with jax.set_mesh(sharding.make_mesh({"data": 8})):
+  # The plain path on a batch-only split still draws the Gumbel noise per
+  # device ([tokens/8, K] blocks), with the codes of 1 device.
+  zf = quantizer.l2_normalize(jnp.asarray(z).reshape(B * L, D))
+  cb = quantizer.l2_normalize(jnp.asarray(single_params))
+  sample = jax.jit(lambda z, c, k: quantizer.nearest_codes(z, c, key=k, temperature=TEMPERATURE))
+  single["data_only"] = {"sampled": sample(zf, cb, sample_key)}
+  data_mesh = sharding.make_mesh({"data": 8})
+  with jax.set_mesh(data_mesh):
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       facts["vocab_axes_data_only_mesh"] = list(quantizer.vocab_mesh_axes())
+      z_d = jax.device_put(zf, sharding.logical_sharding(data_mesh, ("batch", "code")))
+      sharded["data_only"] = {"sampled": sample(z_d, cb, sample_key)}
+      text = sample.lower(z_d, cb, sample_key).compile().as_text()
+      facts["data_only_hlo_shapes"] = sorted(set(re.findall(r"\b[a-z]+[0-9]*\[([0-9,]*)\]", text)))
+      facts["data_only_collectives"] = sorted(set(re.findall(r"all-gather|all-reduce", text)))
     with nn.logical_axis_rules([("batch", "data")]):
       facts["vocab_axes_unmapped"] = list(quantizer.vocab_mesh_axes())
 

@@ -142,3 +142,44 @@ def test_bfloat16_compute_keeps_float32_params_and_residual():
   # bfloat16 matmuls: close to float32, but not identical (the knob does something).
   err = float(jnp.abs(y32 - y16).max())
   assert 0 < err < 0.1, err
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [1, 7, 24])
+def test_explicit_attention_equals_jax_attention_and_its_gradients(causal, length):
+  rng = np.random.default_rng(length)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, length, 3, 8)) * 2, jnp.float32) for _ in "qkv")
+  d_out = jnp.asarray(rng.standard_normal((2, length, 3, 8)), jnp.float32)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * d_out)
+
+  ours = lambda q, k, v: layers.explicit_attention(q, k, v, causal)  # noqa: E731
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", got, want, strict=True):
+    if length > 1 or name == "v":  # one key: softmax is constant, q and k get no gradient
+      assert float(jnp.abs(w).max()) > 0, name
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_explicit_attention_keeps_bfloat16_inputs_in_bfloat16():
+  q, k, v = (jnp.ones((1, 4, 2, 8), jnp.bfloat16) for _ in "qkv")
+  out, vjp = jax.vjp(lambda q, k, v: layers.explicit_attention(q, k, v, True), q, k, v)
+  assert out.dtype == jnp.bfloat16
+  assert [g.dtype for g in vjp(jnp.ones_like(out))] == [jnp.bfloat16] * 3
+
+
+def test_first_argmax_is_jnp_argmax_with_ties_and_gumbel_max_is_categorical():
+  x = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [-1.0, -5.0, -1.0, 7.0]])
+  np.testing.assert_array_equal(layers.first_argmax(x), [1, 0, 3])
+  logits = jax.random.normal(jax.random.key(0), (5, 33, 257)) * 3
+  for seed in range(4):
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(
+      layers.gumbel_max(key, logits), jax.random.categorical(key, logits, axis=-1)
+    )
+  # Really samples: not always the argmax.
+  assert np.mean(np.asarray(layers.gumbel_max(key, logits) != jnp.argmax(logits, -1))) > 0.1

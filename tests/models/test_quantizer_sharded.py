@@ -93,3 +93,16 @@ def test_compiled_program_never_holds_full_codebook_or_similarity_matrix(run):
     assert not any(K in d for d in dims), (mode, shapes)
     assert not any(B * L in d for d in dims), (mode, shapes)
     assert [B * L // 2, K // 4] in dims, (mode, shapes)
+
+
+def test_batch_only_mesh_draws_noise_per_device(run):
+  results, facts = run
+  np.testing.assert_array_equal(
+    results["sharded/data_only/sampled"], results["single/data_only/sampled"]
+  )
+  dims = [[int(d) for d in s.split(",") if d] for s in facts["data_only_hlo_shapes"]]
+  # Each of the 8 devices scores and draws noise for its 3 tokens only: no
+  # [24, 64] array, no gather of the tokens.
+  assert [B * L // 8, K] in dims, dims
+  assert [B * L, K] not in dims, dims
+  assert facts["data_only_collectives"] == [], facts["data_only_collectives"]
