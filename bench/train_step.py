@@ -217,7 +217,8 @@ def run(config, steps: int, warmup: int, data: bool, peak_size: int | None, chip
   device = jax.devices()[0]
   bench = StepBench(config)
   compiled, compile_s = bench.compile()
-  flops = flop_count(compiled)
+  # XLA's cost analysis is of the per-device (SPMD-partitioned) program.
+  flops = flop_count(compiled) * jax.device_count()
   bench.timed_steps(warmup)
   compiles0 = reporting.compile_count()
   times = bench.timed_steps(steps)
@@ -246,7 +247,10 @@ def run(config, steps: int, warmup: int, data: bool, peak_size: int | None, chip
   size = peak_size or (2048 if device.platform == "cpu" else 8192)
   out["peak_matmul"] = f"{size}x{size} {jnp.dtype(dtype).name}"
   out["peak_flops_per_s"] = measure_peak(dtype, size)
-  out["mfu"] = out["flops_per_s"] / (out["peak_flops_per_s"] * jax.device_count())
+  # Host CPU devices (--xla_force_host_platform_device_count) share the cores
+  # the peak matmul already used; each accelerator chip has its own peak.
+  peak_units = 1 if device.platform == "cpu" else jax.device_count()
+  out["mfu"] = out["flops_per_s"] / (out["peak_flops_per_s"] * peak_units)
   chip = chip * 1e12 if chip else chip_peak(device)
   if chip:
     out["chip_peak_flops_per_s"] = chip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -35,6 +36,28 @@ def test_train_step_bench_reports_flops_mfu_and_no_recompiles():
   assert out["recompiles_after_warmup"] == 0
   assert out["loop_fixed_s"] > 0 and out["loop_pipeline_s"] > 0
   assert "MFU" in train_step.report(out)
+
+
+def test_train_step_bench_counts_the_flops_of_every_host_device():
+  """On 2 forced CPU devices the step's FLOPs are the whole batch's, not one device's share."""
+  single = train_step.run(
+    train_step.load_config("stage1", "tiny", batch_size=4, gan=False),
+    steps=1,
+    warmup=0,
+    data=False,
+    peak_size=256,
+    chip=None,
+  )
+  cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--preset=tiny", "--batch_size=4"]
+  cmd += ["--steps=1", "--warmup=0", "--data=false", "--peak_size=256"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  two = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert two["devices"] == 2
+  # Same model and batch: the same work, up to the partitioner's few extra ops.
+  assert 0.9 < two["flops_per_step"] / single["flops_per_step"] < 1.2
+  assert math.isclose(two["mfu"], two["flops_per_s"] / two["peak_flops_per_s"])
 
 
 def test_train_step_bench_overrides_and_chip_peak():
