@@ -8,6 +8,7 @@ each batch, and the JAX-vs-PyTorch comparison's parsing and ratios.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -21,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import inference  # noqa: E402
+import profile_step  # noqa: E402
 import train_step  # noqa: E402
 
 
@@ -58,6 +60,29 @@ def test_train_step_bench_counts_the_flops_of_every_host_device():
   # Same model and batch: the same work, up to the partitioner's few extra ops.
   assert 0.9 < two["flops_per_step"] / single["flops_per_step"] < 1.2
   assert math.isclose(two["mfu"], two["flops_per_s"] / two["peak_flops_per_s"])
+
+
+def test_profile_step_names_the_ops_of_the_traced_step(tmp_path):
+  config = train_step.load_config("stage1", "tiny", batch_size=4, gan=False)
+  out = profile_step.run(config, steps=2, warmup=1, trace_dir=str(tmp_path), depth=3)
+  assert glob.glob(str(tmp_path / "**" / "*.trace.json.gz"), recursive=True)
+  assert out["op_ms_per_step"] > 0 and out["named_ops"] > 10
+  paths = [op["path"] for op in out["ops"]]
+  # Forward and backward ops of the encoder are both found and named.
+  assert any("encoder" in p and not p.startswith("BWD(") for p in paths), paths[:20]
+  assert any("encoder" in p and p.startswith("BWD(") for p in paths), paths[:20]
+  assert math.isclose(sum(out["groups"].values()), out["op_ms_per_step"], rel_tol=1e-6)
+  assert "by module path" in profile_step.report(out, top=5)
+
+
+def test_profile_step_parses_hlo_metadata():
+  text = (
+    '  %fusion.3 = f32[8,4]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/'
+    'transpose(jvp(AVTok))/AVTok._encode_one/encoder/block_0/attn/dot_general"}\n'
+  )
+  meta = profile_step.op_metadata(text)
+  assert meta["fusion.3"][0] == "f32[8,4]{1,0}"
+  assert profile_step.module_path(meta["fusion.3"][1], 3) == "BWD(AVTok))/AVTok._encode_one/encoder"
 
 
 def test_train_step_bench_overrides_and_chip_peak():
