@@ -26,9 +26,15 @@ import profile_step  # noqa: E402
 import train_step  # noqa: E402
 
 
-def test_train_step_bench_reports_flops_mfu_and_no_recompiles():
+@pytest.fixture(scope="module")
+def tiny_step():
+  """bench/train_step.py's figures for the tiny preset, stage 1, batch 4, on one device."""
   config = train_step.load_config("stage1", "tiny", batch_size=4, gan=False)
-  out = train_step.run(config, steps=3, warmup=1, data=True, peak_size=256, chip=None)
+  return train_step.run(config, steps=3, warmup=1, data=True, peak_size=256, chip=None)
+
+
+def test_train_step_bench_reports_flops_mfu_and_no_recompiles(tiny_step):
+  out = tiny_step
   assert out["preset"] == "tiny" and out["batch_size"] == 4
   # XLA's count for the compiled step: a tiny model's forward + backward is
   # millions of FLOPs, not zero and not absurd.
@@ -40,16 +46,9 @@ def test_train_step_bench_reports_flops_mfu_and_no_recompiles():
   assert "MFU" in train_step.report(out)
 
 
-def test_train_step_bench_counts_the_flops_of_every_host_device():
+def test_train_step_bench_counts_the_flops_of_every_host_device(tiny_step):
   """On 2 forced CPU devices the step's FLOPs are the whole batch's, not one device's share."""
-  single = train_step.run(
-    train_step.load_config("stage1", "tiny", batch_size=4, gan=False),
-    steps=1,
-    warmup=0,
-    data=False,
-    peak_size=256,
-    chip=None,
-  )
+  single = tiny_step
   cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--preset=tiny", "--batch_size=4"]
   cmd += ["--steps=1", "--warmup=0", "--data=false", "--peak_size=256"]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
