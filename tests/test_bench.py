@@ -46,6 +46,7 @@ def test_train_step_bench_reports_flops_mfu_and_no_recompiles(tiny_step):
   assert "MFU" in train_step.report(out)
 
 
+@pytest.mark.slow
 def test_train_step_bench_counts_the_flops_of_every_host_device(tiny_step):
   """On 2 forced CPU devices the step's FLOPs are the whole batch's, not one device's share."""
   single = tiny_step
@@ -109,6 +110,7 @@ def test_inference_bench_out_of_memory_detection():
   assert not inference._is_out_of_memory(ValueError("shapes do not match"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compare_runs_jax_and_torch_and_prints_ratios():
   proc = subprocess.run(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import av
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,7 @@ def test_ci_runs_the_readme_test_command():
   )
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end_on_tiny_preset(tmp_path):
   """The README's run command minus the venv set-up, on the tiny preset."""
   env = dict(

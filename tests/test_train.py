@@ -128,6 +128,7 @@ def test_held_out_scores_are_per_clip_means_without_padding():
   np.testing.assert_allclose(scores["eval/mel_l1"], 0.2)
 
 
+@pytest.mark.slow
 def test_stage_chain_with_init_from_and_frozen_params_bit_identical(stage1, tmp_path):
   config1, workdir1, _ = stage1
   p1 = flat(load_params(config1, workdir1))
@@ -157,6 +158,7 @@ def test_stage_chain_with_init_from_and_frozen_params_bit_identical(stage1, tmp_
   assert pathlib.Path(workdir3, "samples", f"step_{STEPS:07d}", "mel.png").exists()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_continues_exactly(stage1, tmp_path, monkeypatch):
   config, reference_dir, _ = stage1
   workdir = tmp_path / "interrupted"
@@ -209,6 +211,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_multi_device_meshes_match_one_device(stage1, tmp_path):
   _, reference_dir, _ = stage1
   env = dict(
