@@ -268,9 +268,9 @@ class CausalSelfAttention(nn.Module):
           q, jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2), mask=mask[None, None]
         )
       else:
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        out = layers.dot_product_attention(q, k, v, causal=True)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = layers.dot_product_attention(q, k, v, causal=True)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return layers.HeadProjection(
       self.num_heads, head_dim, width, to_heads=False, use_bias=False, **kw, name="out"

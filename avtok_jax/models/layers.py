@@ -4,8 +4,8 @@ Pre-LN blocks (LayerNorm -> attention -> residual, LayerNorm -> MLP ->
 residual) as in ViT / LARP. On accelerators attention goes through
 `jax.nn.dot_product_attention`, so backends with fused kernels (cuDNN flash
 attention on GPU, Pallas/Mosaic on TPU) use them without code changes; on
-CPU it is `explicit_attention`, the same maths with a hand-written backward
-pass (see there).
+CPU it is `explicit_attention`, the same maths laid out head-major with a
+hand-written backward pass (see there).
 
 Precision: parameters are stored in `param_dtype` (float32); matmuls run in
 `dtype` (float32 or bfloat16); LayerNorm statistics are always computed in
@@ -185,9 +185,14 @@ class HeadProjection(nn.Module):
     return y
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+  """[B, L, heads, d] <-> [B, heads, L, d]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
 def _attention_probs(q: jax.Array, k: jax.Array, causal: bool) -> jax.Array:
-  """float32 softmax(q k^T) [B, heads, Lq, Lk] of (already scaled) q, k [B, L, heads, d]."""
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  """float32 softmax(q k^T) [B, heads, Lq, Lk] of (already scaled) head-major q, k [B, heads, L, d]."""
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   if causal:
     # Top-left aligned, as jax.nn.dot_product_attention(is_causal=True).
     s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -1e30)
@@ -200,37 +205,43 @@ def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = 
   """softmax(q k^T / sqrt(d)) v for q, k, v [B, L, heads, d], with a hand-written VJP.
 
   Equal to `jax.nn.dot_product_attention` (to float32 rounding; tested), but
-  faster on XLA CPU: the backward is the textbook one (dv = P^T dO,
-  dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dq = dS K, dk = dS^T q; as in
-  FlashAttention's backward, Dao et al. 2022, without the tiling), saving P
-  and O instead of letting autodiff replay the softmax: fewer passes over
-  the [B, heads, L, L] arrays and no transposed copies of P. Measured on the
-  2-core CPU (small preset, one block fwd+bwd, B=8, L=192, width 128):
-  43-46 ms against 61-68 ms (bench/README.md). Without differentiation
-  (encode / decode, sampling) it is `jax.nn.dot_product_attention` itself,
-  which XLA CPU runs faster forward-only (55-67 against 71-73 ms for the
-  small tokenizer's encode + decode of 8 clips).
+  faster on XLA CPU, forward and backward:
+
+  * the matmuls run head-major: q, k, v are transposed once to
+    [B, heads, L, d] and the output back. With [B, L, heads, d] operands
+    XLA CPU computed P.V into a transposed [B, heads, d, L] result and took
+    5-6 ms for it against 2.6 ms head-major (B=8, L=192, d=32, 4 heads);
+    forward alone 5.7 against 7.8 ms for `jax.nn.dot_product_attention`
+    (medians of 10 alternating rounds, bench/README.md);
+  * the backward is the textbook one (dv = P^T dO, dP = dO V^T,
+    dS = P * (dP - rowsum(dO * O)), dq = dS K, dk = dS^T q; as in
+    FlashAttention's backward, Dao et al. 2022, without the tiling), saving
+    P and O instead of letting autodiff replay the softmax: fewer passes
+    over the [B, heads, L, L] arrays and no transposed copies of P.
   """
-  return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  return _explicit_attention_fwd(q, k, v, causal)[0]
 
 
 def _explicit_attention_fwd(q, k, v, causal):
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
   p = _attention_probs(q, k, causal)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
-  return out, (q, k, v, p, out)
+  out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v)
+  return _heads_first(out), (q, k, v, p, out)
 
 
 def _explicit_attention_bwd(causal, residuals, d_out):
   del causal  # masked entries of P are 0, so they get no gradient.
   q, k, v, p, out = residuals
+  d_out = _heads_first(d_out)
   f32 = jnp.float32
-  dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(d_out.dtype), d_out, preferred_element_type=f32)
-  dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=f32)
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out, preferred_element_type=f32)
+  dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(d_out.dtype), d_out, preferred_element_type=f32)
+  dp = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=f32)
+  delta = jnp.einsum("bhqd,bhqd->bhq", d_out, out, preferred_element_type=f32)
   ds = (p * (dp - delta[..., None])).astype(q.dtype)
-  dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k, preferred_element_type=f32) * (q.shape[-1] ** -0.5)
-  dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q, preferred_element_type=f32)
+  dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=f32) * (q.shape[-1] ** -0.5)
+  dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=f32)
+  dq, dk, dv = _heads_first(dq), _heads_first(dk), _heads_first(dv)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
