@@ -156,9 +156,11 @@ def test_explicit_attention_equals_jax_attention_and_its_gradients(causal, lengt
 
   ours = lambda q, k, v: layers.explicit_attention(q, k, v, causal)  # noqa: E731
   ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-  # Differentiated, the output comes from the hand-written forward rule.
+  # Differentiated, the output comes from the hand-written forward rule;
+  # undifferentiated from the primal (the same head-major computation).
   out, _ = jax.vjp(ours, q, k, v)
   np.testing.assert_allclose(out, ref(q, k, v), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
   got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
   want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
   for name, g, w in zip("qkv", got, want, strict=True):
@@ -172,6 +174,7 @@ def test_explicit_attention_keeps_bfloat16_inputs_in_bfloat16():
   out, vjp = jax.vjp(lambda q, k, v: layers.explicit_attention(q, k, v, True), q, k, v)
   assert out.dtype == jnp.bfloat16
   assert [g.dtype for g in vjp(jnp.ones_like(out))] == [jnp.bfloat16] * 3
+  assert layers.explicit_attention(q, k, v, True).dtype == jnp.bfloat16
 
 
 def test_first_argmax_is_jnp_argmax_with_ties_and_gumbel_max_is_categorical():
