@@ -4,8 +4,9 @@ Pre-LN blocks (LayerNorm -> attention -> residual, LayerNorm -> MLP ->
 residual) as in ViT / LARP. On accelerators attention goes through
 `jax.nn.dot_product_attention`, so backends with fused kernels (cuDNN flash
 attention on GPU, Pallas/Mosaic on TPU) use them without code changes; on
-CPU it is `explicit_attention`, the same maths laid out head-major with a
-hand-written backward pass (see there).
+CPU it is our fused FFI kernel (`avtok_jax/kernels/cpu_attention.py`), or,
+where that cannot be compiled, `explicit_attention`: the same maths in XLA
+ops laid out head-major with a hand-written backward pass (see there).
 
 Precision: parameters are stored in `param_dtype` (float32); matmuls run in
 `dtype` (float32 or bfloat16); LayerNorm statistics are always computed in
@@ -25,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from avtok_jax.kernels import cpu_attention
 
 Dtype = Any
 
@@ -249,8 +252,15 @@ explicit_attention.defvjp(_explicit_attention_fwd, _explicit_attention_bwd)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
-  """Attention of q, k, v [B, L, heads, d]: `explicit_attention` on CPU, else `jax.nn`'s."""
+  """Attention of q, k, v [B, L, heads, d] with the fastest implementation of the backend.
+
+  CPU: the fused FFI kernel `kernels.cpu_attention.attention` when it builds
+  here (else, or with `AVTOK_CPU_ATTENTION=xla`, `explicit_attention`);
+  GPU / TPU: `jax.nn.dot_product_attention` (cuDNN / Pallas kernels).
+  """
   if jax.default_backend() == "cpu":
+    if cpu_attention.available():
+      return cpu_attention.attention(q, k, v, causal)
     return explicit_attention(q, k, v, causal)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
 
