@@ -15,8 +15,9 @@ of `--rounds` rounds, and the medians over rounds printed.
 one traced with `AVTOK_CPU_ATTENTION=xla` (so `layers.dot_product_attention`
 takes `explicit_attention`) and one with the kernel, alternating rounds of
 `--steps` waited steps: the VM's speed drifts 20-40% within minutes, so only
-an alternating A/B in one process is a fair comparison. One JSON line at the
-end.
+an alternating A/B in one process is a fair comparison; it also counts the
+kernel's custom calls in each compiled step (0 in the XLA one). One JSON
+line at the end.
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ def op_ab(shape: tuple[int, ...], causal: bool, rounds: int, iters: int) -> dict
 def step_ab(preset: str, rounds: int, steps: int) -> dict:
   """Median step time (ms) of the trainer's step with the kernel and with XLA attention."""
   config = train_step.load_config("stage1", preset, None, False)
-  benches = {}
+  benches, calls = {}, {}
   for name, mode in (("xla", "xla"), ("kernel", "kernel")):
     os.environ["AVTOK_CPU_ATTENTION"] = mode  # read when the step is traced
     benches[name] = train_step.StepBench(config)
-    benches[name].compile()
+    compiled, _ = benches[name].compile()
+    calls[name] = compiled.as_text().count('custom_call_target="avtok_cpu_attention')
     benches[name].timed_steps(2)
   os.environ.pop("AVTOK_CPU_ATTENTION")
   times = {name: [] for name in benches}
@@ -110,6 +112,7 @@ def step_ab(preset: str, rounds: int, steps: int) -> dict:
   out = {f"{name}_step_ms": 1e3 * statistics.median(t) for name, t in times.items()}
   out["step_speedup"] = out["xla_step_ms"] / out["kernel_step_ms"]
   out["recompiles_while_timing"] = reporting.compile_count() - compiles0
+  out["kernel_calls_per_step"] = calls  # custom calls in each compiled step
   return out
 
 

@@ -139,3 +139,19 @@ def test_compare_runs_jax_and_torch_and_prints_ratios():
   assert summary["encode_decode_ratio_vs_eager"] > 0
   assert "torch_compile_train_step_s" not in summary
   assert "train step" in proc.stdout and "encode+decode" in proc.stdout
+
+
+@pytest.mark.slow
+def test_attention_bench_times_each_implementation_and_the_step_both_ways():
+  import attention  # noqa: PLC0415 (bench/attention.py)
+
+  ops = attention.op_ab((2, 8, 2, 8), causal=True, rounds=2, iters=2)
+  assert set(ops) == {"jax.nn", "explicit", "kernel"}
+  assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in ops.values())
+  step = attention.step_ab("tiny", rounds=2, steps=1)
+  assert step["xla_step_ms"] > 0 and step["kernel_step_ms"] > 0
+  assert math.isclose(step["step_speedup"], step["xla_step_ms"] / step["kernel_step_ms"])
+  assert step["recompiles_while_timing"] == 0
+  assert step["kernel_calls_per_step"]["xla"] == 0
+  assert step["kernel_calls_per_step"]["kernel"] >= 2  # forward and backward
+  assert "AVTOK_CPU_ATTENTION" not in os.environ

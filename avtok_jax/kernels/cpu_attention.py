@@ -26,8 +26,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import tempfile
@@ -139,6 +141,30 @@ def _load() -> bool:
 def available() -> bool:
   """Whether `attention` can run here (compiling the kernel on the first call)."""
   return os.environ.get("AVTOK_CPU_ATTENTION", "kernel") != "xla" and _load()
+
+
+_CALL = re.compile(
+  r'custom_call_target="(avtok_cpu_attention_(?:forward|backward))", '
+  r"operand_layout_constraints=\{\w+\[([\d,]+)\](?:\{[\d,]*\})?, \w+\[([\d,]+)\]"
+)
+
+
+def hlo_flops(hlo_text: str) -> float:
+  """Matmul FLOPs of the kernel's custom calls in compiled HLO text.
+
+  XLA's cost analysis counts custom calls as 0 FLOPs, so benchmarks add
+  these: per call 2 * (matmuls) * batch * heads * Lq * Lk * d, with the
+  matmuls the maths needs (forward: q k^T and P v; backward: dv, dP, dq, dk)
+  -- what XLA counts for the same attention written in XLA ops; the
+  backward's recomputation of q k^T is not counted.
+  """
+  total = 0.0
+  for target, q_shape, k_shape in _CALL.findall(hlo_text):
+    *batch, lq, heads, dim = (int(x) for x in q_shape.split(","))
+    lk = int(k_shape.split(",")[-3])
+    matmuls = 2 if target == _FORWARD else 4
+    total += 2.0 * matmuls * math.prod(batch) * heads * lq * lk * dim
+  return total
 
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array) -> None:

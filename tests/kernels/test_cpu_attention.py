@@ -190,3 +190,20 @@ def test_sharded_over_8_devices_splits_batch_and_heads(tmp_path):
   assert not facts["batch_heads"]["all_gather"]
   # A split length cannot be kept (each work item needs whole rows): gathered.
   assert facts["length"]["call_shapes"] == ["8,24,4,16", "8,4,24"]
+
+
+def test_hlo_flops_counts_the_attention_matmuls_as_xla_does():
+  """The kernel's calls count the FLOPs XLA's cost analysis gives explicit_attention's matmuls."""
+  q, k, v, g = _qkvg((2, 10, 3, 8), (2, 12, 3, 8))
+
+  def compiled(att):
+    loss = lambda q, k, v: jnp.sum(att(q, k, v) * g)  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(q, k, v).compile()
+
+  kernel = compiled(cpu_attention.attention)
+  counted = cpu_attention.hlo_flops(kernel.as_text())
+  assert counted == 2 * 6 * 2 * 3 * 10 * 12 * 8  # 2 forward + 4 backward matmuls
+  xla = compiled(lambda q, k, v: layers.explicit_attention(q, k, v)).cost_analysis()["flops"]
+  # XLA also counts the softmax's elementwise work; the matmuls dominate.
+  assert counted <= xla <= 1.3 * counted
+  assert cpu_attention.hlo_flops("no attention here") == 0.0
