@@ -8,8 +8,11 @@ enough that different clips get different codes. Tests must not write into
 either folder (copy it first).
 """
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 # Tests compile with XLA's CPU backend optimisations off: the programs compute
 # the same things, compile 2-3x faster (measured: a scan/remat layer test 41 s
@@ -76,6 +79,33 @@ def pytest_collection_modifyitems(config, items):
   del config
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
   items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
+
+
+@pytest.fixture(scope="session")
+def run_on_8_cpu_devices():
+  """run(script, out_dir, timeout) -> the facts.json that `script out_dir` wrote.
+
+  The script runs in a subprocess with 8 forced host CPU devices (the flag
+  must be set before JAX starts) and this checkout on its path; a failure
+  shows the end of its output.
+  """
+
+  def run(script: pathlib.Path, out: pathlib.Path, timeout: int = 600) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+      [sys.executable, str(script), str(out)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return json.loads((out / "facts.json").read_text())
+
+  return run
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,7 @@
 """Checkpoints: round trips, keep policy, sharded restores, partial init, preemption."""
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,6 @@ import pytest
 from avtok_jax import checkpointing
 
 _CHECK = Path(__file__).with_name("checkpointing_sharded_check.py")
-_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _state(seed: int = 0) -> dict:
@@ -221,20 +217,8 @@ def test_preemption_handler_sets_flag_and_restores_handlers():
     signal.signal(signal.SIGTERM, old_term)
 
 
-def test_sharded_save_restores_onto_other_shardings(tmp_path):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-  proc = subprocess.run(
-    [sys.executable, str(_CHECK), str(tmp_path)],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-  facts = json.loads((tmp_path / "facts.json").read_text())
+def test_sharded_save_restores_onto_other_shardings(tmp_path, run_on_8_cpu_devices):
+  facts = run_on_8_cpu_devices(_CHECK, tmp_path, timeout=300)
 
   saved = facts["saved"]
   assert saved["mesh_shapes"] == ["{'data': 2, 'fsdp': 1, 'model': 4}"]

@@ -8,10 +8,6 @@ vectors; dtypes, leading dims, vmap, sharding over 8 host devices, and the
 fallback when no compiler works.
 """
 
-import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,8 +18,6 @@ import pytest
 
 from avtok_jax.kernels import cpu_attention
 from avtok_jax.models import layers
-
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,21 +157,8 @@ def test_without_a_compiler_it_warns_and_falls_back(monkeypatch, tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_sharded_over_8_devices_splits_batch_and_heads(tmp_path):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-  check = Path(__file__).with_name("cpu_attention_sharded_check.py")
-  proc = subprocess.run(
-    [sys.executable, str(check), str(tmp_path)],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-  facts = json.loads((tmp_path / "facts.json").read_text())
+def test_sharded_over_8_devices_splits_batch_and_heads(tmp_path, run_on_8_cpu_devices):
+  facts = run_on_8_cpu_devices(Path(__file__).with_name("cpu_attention_sharded_check.py"), tmp_path)
   for name, f in facts.items():
     assert f["value_err"] < 1e-5 and f["grad_err"] < 1e-5, (name, f)
     assert f["num_calls"] == 2, (name, f)  # one forward, one backward

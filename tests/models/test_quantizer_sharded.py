@@ -4,38 +4,20 @@ The work happens in `quantizer_sharded_check.py`, run in a subprocess because
 the forced device count must be set before JAX starts.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 _CHECK = Path(__file__).with_name("quantizer_sharded_check.py")
-_ROOT = Path(__file__).resolve().parents[2]
 K, D, B, L = 64, 8, 4, 6  # As in the check script.
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, run_on_8_cpu_devices):
   out = tmp_path_factory.mktemp("quantizer_sharded")
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-  proc = subprocess.run(
-    [sys.executable, str(_CHECK), str(out)],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-  results = dict(np.load(out / "results.npz"))
-  facts = json.loads((out / "facts.json").read_text())
-  return results, facts
+  facts = run_on_8_cpu_devices(_CHECK, out)
+  return dict(np.load(out / "results.npz")), facts
 
 
 def test_each_device_holds_a_quarter_of_the_codebook(run):
