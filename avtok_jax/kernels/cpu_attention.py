@@ -17,8 +17,10 @@ Without a working compiler `available()` is False with a warning saying why,
 and `layers.dot_product_attention` uses the pure-XLA `explicit_attention`.
 `AVTOK_CPU_ATTENTION=xla` chooses that path on purpose (A/B benchmarks).
 
-Sharding: both targets are registered batch-partitionable, so under a mesh
-that splits the leading (batch) dim each device runs the kernel on its shard.
+Sharding: with several devices both calls are `custom_partitioning` ops, so
+under a mesh that splits batch and/or heads each device runs the kernel on
+its shard (a split length or head dim is gathered first: each work item
+needs whole rows).
 """
 
 from __future__ import annotations
@@ -134,7 +136,6 @@ def _load() -> bool:
     return False
   for target, symbol in _SYMBOLS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    jax.ffi.register_ffi_target_as_batch_partitionable(target)
   return True
 
 
