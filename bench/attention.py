@@ -44,13 +44,17 @@ from avtok_jax import reporting  # noqa: E402
 from avtok_jax.kernels import cpu_attention  # noqa: E402
 from avtok_jax.models import layers  # noqa: E402
 
-_SHAPES = flags.DEFINE_list("shapes", ["8x192x4x32", "1x192x4x32"], "BxLxHEADSxD shapes.")
-_CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
-_ITERS = flags.DEFINE_integer("iters", 20, "Calls per implementation per round.")
-_STEP = flags.DEFINE_bool("step", False, "Also A/B the whole train step (kernel vs XLA).")
-_PRESET = flags.DEFINE_enum("preset", "small", ["tiny", "small", "B", "L"], "Step's preset.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Waited train steps per implementation per round.")
+
+def _define_flags() -> None:
+  """Command-line flags (defined only when run as a script, so that tests can import us)."""
+  global _SHAPES, _CAUSAL, _ROUNDS, _ITERS, _STEP, _PRESET, _STEPS
+  _SHAPES = flags.DEFINE_list("shapes", ["8x192x4x32", "1x192x4x32"], "BxLxHEADSxD shapes.")
+  _CAUSAL = flags.DEFINE_bool("causal", False, "Causal attention.")
+  _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
+  _ITERS = flags.DEFINE_integer("iters", 20, "Calls per implementation per round.")
+  _STEP = flags.DEFINE_bool("step", False, "Also A/B the whole train step (kernel vs XLA).")
+  _PRESET = flags.DEFINE_enum("preset", "small", ["tiny", "small", "B", "L"], "Step's preset.")
+  _STEPS = flags.DEFINE_integer("steps", 5, "Waited train steps per implementation per round.")
 
 
 def _median_call_ms(fn, args, iters: int) -> float:
@@ -142,4 +146,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -17,10 +17,12 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags as absl_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import attention  # noqa: E402
 import inference  # noqa: E402
 import profile_step  # noqa: E402
 import train_step  # noqa: E402
@@ -143,8 +145,8 @@ def test_compare_runs_jax_and_torch_and_prints_ratios():
 
 @pytest.mark.slow
 def test_attention_bench_times_each_implementation_and_the_step_both_ways():
-  import attention  # noqa: PLC0415 (bench/attention.py)
-
+  # Importing it defines no flags (they would clash with other modules' in one process).
+  assert not {"shapes", "iters"} & set(absl_flags.FLAGS)
   ops = attention.op_ab((2, 8, 2, 8), causal=True, rounds=2, iters=2)
   assert set(ops) == {"jax.nn", "explicit", "kernel"}
   assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in ops.values())
