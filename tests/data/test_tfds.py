@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import tempfile
 
 import grain
 import numpy as np
@@ -358,3 +359,23 @@ def test_av_folder_reads_the_generator_export(tmp_path):
     expected = synthetic.generate(synthetic_av.generator_spec(TINY), 0, index)
     assert r["label_name"].decode() == expected["label_name"]
     assert names[r["label"]] == expected["label_name"]
+
+
+def test_builders_leave_no_temp_dirs(tmp_path, monkeypatch):
+  """TFDS's `DatasetInfo.initialize_from_bucket` leaves an empty mkdtemp("tfds") per unprepared
+  builder; ours (`common.LocalDatasetInfo`) make none, in a build nor in a "not prepared" check."""
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  builder = builders.SyntheticAv(
+    config="tiny", data_dir=str(tmp_path / "data"), num_train=2, num_test=0, data_config=_config()
+  )
+  assert not builder.is_prepared()
+  builder.download_and_prepare()
+  (tmp_path / "videos" / "dog").mkdir(parents=True)
+  _write(str(tmp_path / "videos" / "dog" / "a.mp4"), 0.6, 0)
+  _build_av_folder(tmp_path, tmp_path / "videos")
+  assert (
+    tfds.builder("synthetic_av/tiny", data_dir=str(tmp_path / "elsewhere")).is_prepared() is False
+  )
+  assert sorted(p.name for p in scratch.iterdir() if p.name.endswith("tfds")) == []

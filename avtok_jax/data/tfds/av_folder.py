@@ -312,12 +312,12 @@ class AvFolder(tfds.core.GeneratorBasedBuilder):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _info(self) -> common.LocalDatasetInfo:
     features = common.base_features(self._data_config, class_names=None)
     features["has_audio"] = tfds.features.Scalar(dtype=np.bool_)
     # Built directly: `dataset_info_from_configs` fails outside a package
     # data dir (ENVIRONMENT.md).
-    return tfds.core.DatasetInfo(
+    return common.LocalDatasetInfo(
       builder=self,
       description=__doc__,
       features=tfds.features.FeaturesDict(features),

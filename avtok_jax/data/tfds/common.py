@@ -97,6 +97,20 @@ def preset_data_config(
   return data_config
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """`tfds.core.DatasetInfo` of a data set that only ever exists on local disk.
+
+  A builder whose data dir holds no `dataset_info.json` yet (every build,
+  every "not prepared" check) calls `initialize_from_bucket`, which makes a
+  `tempfile.mkdtemp("tfds")` directory for metadata from TFDS's GCS bucket
+  and, with GCS disabled or nothing there, returns without removing it:
+  one empty directory left in /tmp per call. Ours are never on GCS.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    return
+
+
 def base_features(
   data_config: ml_collections.ConfigDict, class_names: list[str] | None
 ) -> dict[str, Any]:

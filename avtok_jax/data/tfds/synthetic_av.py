@@ -95,7 +95,7 @@ class SyntheticAv(tfds.core.GeneratorBasedBuilder):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _info(self) -> common.LocalDatasetInfo:
     c = self._data_config
     features = common.base_features(c, list(synthetic.class_names(c.num_classes)))
     features["event_times"] = tfds.features.Tensor(shape=(None,), dtype=np.float32)
@@ -105,7 +105,7 @@ class SyntheticAv(tfds.core.GeneratorBasedBuilder):
     # dir (ENVIRONMENT.md). TFDS stores the records in hashed-key order (its
     # default; with shuffling disabled its writer sorts all records in memory),
     # so record i is not generator index i: `source` names the index.
-    return tfds.core.DatasetInfo(
+    return common.LocalDatasetInfo(
       builder=self,
       description=__doc__,
       features=tfds.features.FeaturesDict(features),
