@@ -32,13 +32,21 @@ What it reports (one JSON line at the end, read by `bench/compare.py`):
   bottleneck when it is clearly above 0).
 * `recompiles_after_warmup`: XLA compilations counted while timing
   (`reporting.compile_count`); must be 0.
+* with `--matmul_ceiling`: every dot_general of the step's jaxpr (forward
+  and backward; our attention kernel's matmuls are not among them), each
+  jitted and timed alone (`matmul_alone_s`, `matmul_flops_per_s`), and
+  `mfu_ceiling` = flops_per_step / matmul_alone_s / peak: the MFU of a step
+  whose other ops took no time, i.e. the most XLA's matmuls at these shapes
+  allow.
 """
 
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -61,6 +69,7 @@ from avtok_jax.kernels import cpu_attention  # noqa: E402
 def _define_flags() -> None:
   """Command-line flags (defined only when run as a script, so that tests can import us)."""
   global _PRESET, _STAGE, _BATCH, _STEPS, _WARMUP, _DATA, _GAN, _PEAK_SIZE, _CHIP_PEAK, _OVERRIDES
+  global _MATMULS
   _PRESET = flags.DEFINE_enum("preset", "small", ["tiny", "small", "B", "L"], "Size preset.")
   _STAGE = flags.DEFINE_enum("stage", "stage1", ["stage1", "vanilla"], "Which stage's step.")
   _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the preset's).")
@@ -70,6 +79,9 @@ def _define_flags() -> None:
   _GAN = flags.DEFINE_bool("gan", False, "Keep the stage's GAN (off by default).")
   _PEAK_SIZE = flags.DEFINE_integer("peak_size", None, "Side of the peak-FLOP/s matmul.")
   _CHIP_PEAK = flags.DEFINE_float("chip_peak", None, "The chip's peak TFLOP/s, if known.")
+  _MATMULS = flags.DEFINE_bool(
+    "matmul_ceiling", False, "Also time each of the step's matmuls alone (the MFU ceiling)."
+  )
   _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides KEY=VALUE (Python literal), e.g. --set=model.remat=True."
   )
@@ -150,6 +162,57 @@ def flop_count(compiled) -> float:
   return flops + cpu_attention.hlo_flops(compiled.as_text())
 
 
+def step_matmuls(jaxpr) -> collections.Counter:
+  """The dot_generals of a closed jaxpr and all its sub-jaxprs: Counter of (lhs, rhs, dims) keys.
+
+  lhs / rhs: `jax.ShapeDtypeStruct`s; dims: `dimension_numbers`. A `scan`
+  body counts `length` times; a `while` body once (its trip count is data).
+  """
+  found = collections.Counter()
+
+  def walk(jx, times):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "dot_general":
+        lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
+        dims = eqn.params["dimension_numbers"]
+        found[(lhs, rhs, tuple(tuple(map(tuple, d)) for d in dims))] += times
+      inner = times * eqn.params["length"] if eqn.primitive.name == "scan" else times
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, list | tuple) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            walk(sub, inner)
+
+  walk(jaxpr.jaxpr, 1)
+  return found
+
+
+def time_matmuls(matmuls: collections.Counter, reps: int = 20) -> tuple[float, float]:
+  """(seconds, FLOPs) of all `matmuls` (`step_matmuls`) run one at a time, each jitted alone.
+
+  Each distinct matmul's time is the median of `reps` runs on random operands
+  in its own dtype and XLA's default layouts.
+  """
+  total_s = total_flops = 0.0
+  for i, ((lhs, rhs, dims), count) in enumerate(matmuls.items()):
+    keys = jax.random.split(jax.random.key(i))
+    a, b = (
+      jax.random.normal(k, x.shape).astype(x.dtype) for k, x in zip(keys, (lhs, rhs), strict=True)
+    )
+    fn = jax.jit(lambda x, y, dims=dims: jax.lax.dot_general(x, y, dims))
+    out = fn(a, b).block_until_ready()
+    (contract, _), _ = dims
+    flops = 2 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      fn(a, b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    total_s += count * statistics.median(times)
+    total_flops += count * flops
+  return total_s, total_flops
+
+
 class StepBench:
   """The trainer's jitted step on its sharded state, ready to time.
 
@@ -223,7 +286,15 @@ class StepBench:
       return (time.perf_counter() - t) / n
 
 
-def run(config, steps: int, warmup: int, data: bool, peak_size: int | None, chip: float | None):
+def run(
+  config,
+  steps: int,
+  warmup: int,
+  data: bool,
+  peak_size: int | None,
+  chip: float | None,
+  matmul_ceiling: bool = False,
+):
 
   reporting.compile_count()
   device = jax.devices()[0]
@@ -263,6 +334,22 @@ def run(config, steps: int, warmup: int, data: bool, peak_size: int | None, chip
   # the peak matmul already used; each accelerator chip has its own peak.
   peak_units = 1 if device.platform == "cpu" else jax.device_count()
   out["mfu"] = out["flops_per_s"] / (out["peak_flops_per_s"] * peak_units)
+  if matmul_ceiling:
+    # If all but the matmuls took no time and each matmul ran as fast as it
+    # does alone, the step would take matmul_alone_s: its MFU is the most
+    # this step can reach with XLA's matmuls at these shapes.
+    with bench.context():
+      jaxpr = jax.make_jaxpr(bench.setup.train_step)(bench.state, bench.batch)
+    matmuls = step_matmuls(jaxpr)
+    alone_s, matmul_flops = time_matmuls(matmuls)
+    out.update(
+      matmuls=sum(matmuls.values()),
+      distinct_matmuls=len(matmuls),
+      matmul_flops=matmul_flops,
+      matmul_alone_s=alone_s,
+      matmul_flops_per_s=matmul_flops / alone_s,
+      mfu_ceiling=flops / alone_s / (out["peak_flops_per_s"] * peak_units),
+    )
   chip = chip * 1e12 if chip else chip_peak(device)
   if chip:
     out["chip_peak_flops_per_s"] = chip
@@ -290,6 +377,13 @@ def report(out) -> str:
       f"  loop: fixed batch {out['loop_fixed_s'] * 1e3:.1f} ms/step, Grain pipeline "
       f"{out['loop_pipeline_s'] * 1e3:.1f} ms/step ({100 * out['pipeline_slowdown']:+.1f}%)"
     )
+  if "matmul_alone_s" in out:
+    lines.append(
+      f"  its {out['matmuls']} matmuls ({out['distinct_matmuls']} shapes, "
+      f"{out['matmul_flops'] / 1e9:.2f} GFLOP) run alone: {out['matmul_alone_s'] * 1e3:.1f} ms "
+      f"({out['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s) -> MFU ceiling "
+      f"{100 * out['mfu_ceiling']:.1f}% (the step if only its matmuls took time)"
+    )
   lines.append(f"  recompilations while timing: {out['recompiles_after_warmup']}")
   return "\n".join(lines)
 
@@ -298,7 +392,15 @@ def main(argv):
   del argv
   reporting.quiet_library_logs()
   config = load_config(_STAGE.value, _PRESET.value, _BATCH.value, _GAN.value, _OVERRIDES.value)
-  out = run(config, _STEPS.value, _WARMUP.value, _DATA.value, _PEAK_SIZE.value, _CHIP_PEAK.value)
+  out = run(
+    config,
+    _STEPS.value,
+    _WARMUP.value,
+    _DATA.value,
+    _PEAK_SIZE.value,
+    _CHIP_PEAK.value,
+    _MATMULS.value,
+  )
   print(report(out))
   print(json.dumps(out))
 

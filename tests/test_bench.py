@@ -16,6 +16,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 from absl import flags as absl_flags
 
@@ -32,7 +34,9 @@ import train_step  # noqa: E402
 def tiny_step():
   """bench/train_step.py's figures for the tiny preset, stage 1, batch 4, on one device."""
   config = train_step.load_config("stage1", "tiny", batch_size=4, gan=False)
-  return train_step.run(config, steps=3, warmup=1, data=True, peak_size=256, chip=None)
+  return train_step.run(
+    config, steps=3, warmup=1, data=True, peak_size=256, chip=None, matmul_ceiling=True
+  )
 
 
 def test_train_step_bench_reports_flops_mfu_and_no_recompiles(tiny_step):
@@ -46,6 +50,29 @@ def test_train_step_bench_reports_flops_mfu_and_no_recompiles(tiny_step):
   assert out["recompiles_after_warmup"] == 0
   assert out["loop_fixed_s"] > 0 and out["loop_pipeline_s"] > 0
   assert "MFU" in train_step.report(out)
+  # The matmul ceiling: the step's own dots (forward and backward), timed alone.
+  assert out["matmuls"] > out["distinct_matmuls"] > 10
+  assert 0 < out["matmul_flops"] < out["flops_per_step"]
+  assert out["matmul_alone_s"] > 0
+  assert math.isclose(
+    out["mfu_ceiling"], out["flops_per_step"] / out["matmul_alone_s"] / out["peak_flops_per_s"]
+  )
+  assert "MFU ceiling" in train_step.report(out)
+
+
+def test_step_matmuls_counts_scan_bodies_and_flops():
+  w1, w2 = jnp.ones((8, 16)), jnp.ones((16, 16))
+
+  def f(x):
+    y = x @ w1
+    y, _ = jax.lax.scan(lambda c, _: (c @ w2, None), y, None, length=3)
+    return y.sum()
+
+  matmuls = train_step.step_matmuls(jax.make_jaxpr(f)(jnp.ones((4, 8))))
+  shapes = {(lhs.shape, rhs.shape): n for (lhs, rhs, _), n in matmuls.items()}
+  assert shapes == {((4, 8), (8, 16)): 1, ((4, 16), (16, 16)): 3}
+  seconds, flops = train_step.time_matmuls(matmuls, reps=2)
+  assert flops == 2 * 4 * 16 * 8 + 3 * 2 * 4 * 16 * 16 and seconds > 0
 
 
 @pytest.mark.slow
