@@ -55,6 +55,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from avtok_jax import config_lib, optimizer, sharding, train, train_ar
+from avtok_jax.data import pipeline
 from avtok_jax.data import tokens as tokens_lib
 from avtok_jax.models import build_tokenizer
 
@@ -227,8 +228,9 @@ def tokenizer_setup(config: ml_collections.ConfigDict, mesh) -> TrainerSetup:
   tok = models.tokenizer
   batch = config.data.batch_size
   video_dtype = jnp.uint8 if config.data.video_dtype == "uint8" else jnp.float32
-  # The pipeline's training batch (data/pipeline.py: Preprocess, train=True).
-  abstract_batch = {
+  # The pipeline's training batch (data/pipeline.py: Preprocess, train=True,
+  # keys=train_keys(modalities), as train.run asks for it).
+  every_key = {
     "video_patches": jax.ShapeDtypeStruct(
       (batch, tok.num_patches("video"), tok.video_patch_dim), video_dtype
     ),
@@ -237,6 +239,7 @@ def tokenizer_setup(config: ml_collections.ConfigDict, mesh) -> TrainerSetup:
     ),
     "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
   }
+  abstract_batch = {k: every_key[k] for k in pipeline.train_keys(config.modalities)}
   tokenizer_params = {k: v for k, v in abstract_params.items() if not k.endswith("_projector")}
   counts = {
     "tokenizer (incl. prior)": _count(tokenizer_params),

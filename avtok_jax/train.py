@@ -492,8 +492,13 @@ def run(
   )
 
   # --- data -------------------------------------------------------------------
+  # Only what the stage reads is computed (stage 1: no log-mel).
   train_iter = pipeline.make_iterator(
-    config.data, config.data.train_split, train=True, seed=config.seed
+    config.data,
+    config.data.train_split,
+    train=True,
+    seed=config.seed,
+    keys=pipeline.train_keys(config.modalities),
   )
   batch_sharding = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("batch",)))
 
@@ -565,6 +570,7 @@ def run(
     config.total_steps, start_step=start, every=config.log_every, enabled=is_main
   )
   metrics: dict[str, float] = {}
+  sample_batch = None
   timer = time.perf_counter()
   with (
     checkpointing.PreemptionHandler() as preemption,
@@ -592,7 +598,9 @@ def run(
         writer.write_scalars(done, metrics)
       progress.update(done, _headline(metrics) if done % config.log_every == 0 or last else None)
       if done % config.sample_every == 0 or last:
-        _write_samples(config, models, eval_fn, state, batch, workdir, done)
+        if sample_batch is None:
+          sample_batch = _sample_batch(config, batch_sharding)
+        _write_samples(config, models, eval_fn, state, sample_batch, workdir, done)
       if done % config.checkpoint_every == 0 or last or stop:
         ckpt.save(done, state, data_state=train_iter.get_state(), force=True)
       if stop and not last:
@@ -717,12 +725,28 @@ def evaluate_held_out(config, eval_fn, state, batch_sharding) -> dict[str, float
   return out
 
 
+def _sample_batch(config, batch_sharding):
+  """The first batch of the eval split as a global array: the clips `_write_samples` shows.
+
+  Held out, and the same clips at every sample step, so that the pictures of
+  different steps compare. It has the log-mel whatever the stage trains (its
+  input clips carry their sound), which a video-only stage's training batches
+  do not (`pipeline.train_keys`). Read in this process (num_workers=0): one
+  batch, no worker start-up.
+  """
+  data = config.data.copy_and_resolve_references()
+  data.num_workers = 0
+  it = pipeline.make_iterator(data, data.eval_split, train=False, seed=config.seed)
+  local = next(it)
+  return pipeline.to_global_array({k: local[k] for k in pipeline.TRAIN_KEYS}, batch_sharding)
+
+
 def _write_samples(config, models, eval_fn, state, batch, workdir, step):
   """Input vs reconstruction pictures and mp4 files with sound (written by process 0).
 
-  Every process runs the eval step (the batch is a global array); only
-  process 0 writes. The input clips carry the input mel's sound even in
-  stage 1, where the model reconstructs video only.
+  `batch`: `_sample_batch`. Every process runs the eval step (the batch is a
+  global array); only process 0 writes. The input clips carry the input
+  mel's sound even in stage 1, where the model reconstructs video only.
   """
   n = min(config.num_sample_clips, config.data.batch_size)
   small = jax.tree.map(lambda x: x[:n], batch)

@@ -27,9 +27,10 @@ What it reports (one JSON line at the end, read by `bench/compare.py`):
   overrides: TFLOP/s).
 * `data`: the step time with the real Grain pipeline feeding it (the
   trainer's loop: `next(iterator)`, `pipeline.to_global_array`, step, no
-  per-step wait) against the same loop on one fixed batch;
-  `pipeline_slowdown` = pipeline / fixed - 1 (the data pipeline is the
-  bottleneck when it is clearly above 0).
+  per-step wait; the keys the stage reads) against the same loop on one
+  fixed batch, `--steps` steps each, in `--data_rounds` alternating rounds;
+  `pipeline_slowdown` = the median over rounds of pipeline / fixed - 1
+  (the data pipeline is the bottleneck when it is clearly above 0).
 * `recompiles_after_warmup`: XLA compilations counted while timing
   (`reporting.compile_count`); must be 0.
 * with `--matmul_ceiling`: every dot_general of the step's jaxpr (forward
@@ -69,7 +70,7 @@ from avtok_jax.kernels import cpu_attention  # noqa: E402
 def _define_flags() -> None:
   """Command-line flags (defined only when run as a script, so that tests can import us)."""
   global _PRESET, _STAGE, _BATCH, _STEPS, _WARMUP, _DATA, _GAN, _PEAK_SIZE, _CHIP_PEAK, _OVERRIDES
-  global _MATMULS
+  global _MATMULS, _DATA_ROUNDS
   _PRESET = flags.DEFINE_enum("preset", "small", ["tiny", "small", "B", "L"], "Size preset.")
   _STAGE = flags.DEFINE_enum("stage", "stage1", ["stage1", "vanilla"], "Which stage's step.")
   _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the preset's).")
@@ -79,6 +80,9 @@ def _define_flags() -> None:
   _GAN = flags.DEFINE_bool("gan", False, "Keep the stage's GAN (off by default).")
   _PEAK_SIZE = flags.DEFINE_integer("peak_size", None, "Side of the peak-FLOP/s matmul.")
   _CHIP_PEAK = flags.DEFINE_float("chip_peak", None, "The chip's peak TFLOP/s, if known.")
+  _DATA_ROUNDS = flags.DEFINE_integer(
+    "data_rounds", 4, "Alternating rounds of the fixed-batch and pipeline loops."
+  )
   _MATMULS = flags.DEFINE_bool(
     "matmul_ceiling", False, "Also time each of the step's matmuls alone (the MFU ceiling)."
   )
@@ -237,7 +241,11 @@ class StepBench:
       donate_argnums=(0,),
     )
     self.iterator = pipeline.make_iterator(
-      config.data, config.data.train_split, train=True, seed=config.seed
+      config.data,
+      config.data.train_split,
+      train=True,
+      seed=config.seed,
+      keys=tuple(self.setup.abstract_batch),
     )
     self.batch = self.next_batch()
 
@@ -294,6 +302,7 @@ def run(
   peak_size: int | None,
   chip: float | None,
   matmul_ceiling: bool = False,
+  data_rounds: int = 4,
 ):
 
   reporting.compile_count()
@@ -322,9 +331,18 @@ def run(
     "flops_per_s": flops / statistics.median(times),
   }
   if data:
-    fixed = bench.loop_time(steps, real_data=False)
-    real = bench.loop_time(steps, real_data=True)
-    out.update(loop_fixed_s=fixed, loop_pipeline_s=real, pipeline_slowdown=real / fixed - 1)
+    # Alternating rounds (fixed, pipeline, pipeline, fixed, ...): this VM's
+    # speed drifts by 20-40% within minutes, more than the effect measured.
+    fixed, real = [], []
+    for r in range(data_rounds):
+      for real_data in (False, True) if r % 2 == 0 else (True, False):
+        (real if real_data else fixed).append(bench.loop_time(steps, real_data=real_data))
+    out.update(
+      loop_fixed_s=statistics.median(fixed),
+      loop_pipeline_s=statistics.median(real),
+      pipeline_slowdown=statistics.median(p / f - 1 for p, f in zip(real, fixed, strict=True)),
+      pipeline_slowdown_rounds=[p / f - 1 for p, f in zip(real, fixed, strict=True)],
+    )
   out["recompiles_after_warmup"] = reporting.compile_count() - compiles0
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   size = peak_size or (2048 if device.platform == "cpu" else 8192)
@@ -375,7 +393,8 @@ def report(out) -> str:
   if "loop_pipeline_s" in out:
     lines.append(
       f"  loop: fixed batch {out['loop_fixed_s'] * 1e3:.1f} ms/step, Grain pipeline "
-      f"{out['loop_pipeline_s'] * 1e3:.1f} ms/step ({100 * out['pipeline_slowdown']:+.1f}%)"
+      f"{out['loop_pipeline_s'] * 1e3:.1f} ms/step ({100 * out['pipeline_slowdown']:+.1f}%, "
+      f"median of rounds {', '.join(f'{100 * x:+.1f}' for x in out['pipeline_slowdown_rounds'])})"
     )
   if "matmul_alone_s" in out:
     lines.append(
@@ -400,6 +419,7 @@ def main(argv):
     _PEAK_SIZE.value,
     _CHIP_PEAK.value,
     _MATMULS.value,
+    _DATA_ROUNDS.value,
   )
   print(report(out))
   print(json.dumps(out))

@@ -49,6 +49,7 @@ def test_train_step_bench_reports_flops_mfu_and_no_recompiles(tiny_step):
   assert math.isclose(out["mfu"], out["flops_per_s"] / out["peak_flops_per_s"])
   assert out["recompiles_after_warmup"] == 0
   assert out["loop_fixed_s"] > 0 and out["loop_pipeline_s"] > 0
+  assert len(out["pipeline_slowdown_rounds"]) == 4
   assert "MFU" in train_step.report(out)
   # The matmul ceiling: the step's own dots (forward and backward), timed alone.
   assert out["matmuls"] > out["distinct_matmuls"] > 10

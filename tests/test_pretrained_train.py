@@ -244,11 +244,10 @@ def test_cav_mae_teacher_aligns_at_its_own_width(run, request):
 # ----------------------------------------------------------------------------- (c) vocoder
 
 
-def _train_mels(config, step: int, n: int) -> np.ndarray:
-  """The normalised mels [n, F, L] of the batch of training step `step` (a fresh iterator)."""
-  it = pipeline.make_iterator(config.data, config.data.train_split, train=True, seed=config.seed)
-  for _ in range(step):
-    batch = next(it)
+def _sample_mels(config, n: int) -> np.ndarray:
+  """The normalised mels [n, F, L] of the clips the samples show: the first eval batch."""
+  it = pipeline.make_iterator(config.data, config.data.eval_split, train=False, seed=config.seed)
+  batch = next(it)
   mel_shape = (config.data.mel.n_mels, config_lib.num_mel_frames(config.data))
   patches = np.asarray(batch["mel_patches"][:n], np.float32)
   return np.asarray(
@@ -278,7 +277,7 @@ def test_samples_sound_is_the_configured_vocoder(vanilla_run):
   folder = workdir / "samples" / f"step_{STEPS:07d}"
   clips = sorted(folder.glob("clip*_input.mp4"))
   assert len(clips) == config.num_sample_clips
-  mels = _train_mels(config, STEPS, len(clips))  # the batch the samples were written from
+  mels = _sample_mels(config, len(clips))  # the batch the samples were written from
   d = config.data
 
   def decoded(path):

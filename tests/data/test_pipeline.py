@@ -50,6 +50,31 @@ def _crops(video, c, flips=(False, True)):
     yield crop[:, :, ::-1] if flip else crop
 
 
+def test_train_keys_skip_what_a_stage_does_not_read():
+  c = _config()
+  assert pipeline.train_keys(("video",)) == ("video_patches", "label")
+  assert pipeline.train_keys(("audio",)) == ("mel_patches", "label")
+  assert pipeline.train_keys(("video", "audio")) == pipeline.TRAIN_KEYS
+  with pytest.raises(ValueError, match="Unknown modalities"):
+    pipeline.train_keys(("depth",))
+  full = _take(pipeline.make_iterator(c, "train", train=True, process_index=0, process_count=1), 3)
+  video = _take(
+    pipeline.make_iterator(
+      c, "train", train=True, process_index=0, process_count=1, keys=pipeline.train_keys(("video",))
+    ),
+    3,
+  )
+  # Same examples, same crops and flips; no log-mel.
+  for a, b in zip(full, video, strict=True):
+    assert sorted(b) == ["label", "video_patches"]
+    np.testing.assert_array_equal(a["video_patches"], b["video_patches"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  with pytest.raises(ValueError, match="subset"):
+    pipeline.Preprocess(c, train=True, keys=("audio",))
+  with pytest.raises(ValueError, match="evaluation batches"):
+    pipeline.Preprocess(c, train=False, keys=("label",))
+
+
 def test_train_batches_layout_and_crops():
   c = _config(shuffle=False)
   grids = patches.token_grids(c)
