@@ -30,7 +30,11 @@ What it reports (one JSON line at the end, read by `bench/compare.py`):
   per-step wait; the keys the stage reads) against the same loop on one
   fixed batch, `--steps` steps each, in `--data_rounds` alternating rounds;
   `pipeline_slowdown` = the median over rounds of pipeline / fixed - 1
-  (the data pipeline is the bottleneck when it is clearly above 0).
+  (the data pipeline is the bottleneck when it is clearly above 0). On a
+  CPU that XLA keeps busy the workers compete with the step for the cores,
+  so their CPU time is reported too (psutil): `pipeline_cpu_s` per step
+  (workers + this process' extra) and `pipeline_cpu_share` of the step's
+  own CPU time (`step_cpu_s`, all of XLA's threads).
 * `recompiles_after_warmup`: XLA compilations counted while timing
   (`reporting.compile_count`); must be 0.
 * with `--matmul_ceiling`: every dot_general of the step's jaxpr (forward
@@ -56,6 +60,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import psutil
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,12 +291,37 @@ class StepBench:
 
   def loop_time(self, n: int, real_data: bool) -> float:
     """Seconds per step of the trainer's loop shape (no per-step wait)."""
+    return self.loop_costs(n, real_data)[0]
+
+  def loop_costs(self, n: int, real_data: bool) -> tuple[float, float, float]:
+    """(wall, this process' CPU, its child processes' CPU) seconds per step of the loop.
+
+    The children are the Grain worker processes (their CPU is what the
+    pipeline costs; this process' CPU is mostly XLA's threads).
+    """
+    cpu0 = _cpu_seconds()
     with self.context():
       t = time.perf_counter()
       for _ in range(n):
         metrics = self._step(self.next_batch() if real_data else None)
       metrics["loss"].block_until_ready()
-      return (time.perf_counter() - t) / n
+      wall = time.perf_counter() - t
+    cpu1 = _cpu_seconds()
+    return wall / n, (cpu1[0] - cpu0[0]) / n, (cpu1[1] - cpu0[1]) / n
+
+
+def _cpu_seconds() -> tuple[float, float]:
+  """(CPU seconds of this process, of its live child processes) so far (psutil)."""
+  me = psutil.Process()
+  times = me.cpu_times()
+  children = 0.0
+  for child in me.children(recursive=True):
+    try:
+      t = child.cpu_times()
+    except psutil.NoSuchProcess:
+      continue
+    children += t.user + t.system
+  return times.user + times.system, children
 
 
 def run(
@@ -333,15 +363,27 @@ def run(
   if data:
     # Alternating rounds (fixed, pipeline, pipeline, fixed, ...): this VM's
     # speed drifts by 20-40% within minutes, more than the effect measured.
-    fixed, real = [], []
+    costs = {False: [], True: []}
     for r in range(data_rounds):
       for real_data in (False, True) if r % 2 == 0 else (True, False):
-        (real if real_data else fixed).append(bench.loop_time(steps, real_data=real_data))
+        costs[real_data].append(bench.loop_costs(steps, real_data=real_data))
+    fixed, real = ([c[0] for c in costs[k]] for k in (False, True))
+
+    def median_of(real_data, i):
+      return statistics.median(c[i] for c in costs[real_data])
+
+    # CPU the pipeline adds per step: its workers' plus what the loop's own
+    # process spends more than on a fixed batch (next(), to_global_array).
+    pipeline_cpu = median_of(True, 2) + max(median_of(True, 1) - median_of(False, 1), 0.0)
     out.update(
       loop_fixed_s=statistics.median(fixed),
       loop_pipeline_s=statistics.median(real),
       pipeline_slowdown=statistics.median(p / f - 1 for p, f in zip(real, fixed, strict=True)),
       pipeline_slowdown_rounds=[p / f - 1 for p, f in zip(real, fixed, strict=True)],
+      step_cpu_s=median_of(False, 1),
+      pipeline_worker_cpu_s=median_of(True, 2),
+      pipeline_cpu_s=pipeline_cpu,
+      pipeline_cpu_share=pipeline_cpu / median_of(False, 1),
     )
   out["recompiles_after_warmup"] = reporting.compile_count() - compiles0
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
@@ -395,6 +437,11 @@ def report(out) -> str:
       f"  loop: fixed batch {out['loop_fixed_s'] * 1e3:.1f} ms/step, Grain pipeline "
       f"{out['loop_pipeline_s'] * 1e3:.1f} ms/step ({100 * out['pipeline_slowdown']:+.1f}%, "
       f"median of rounds {', '.join(f'{100 * x:+.1f}' for x in out['pipeline_slowdown_rounds'])})"
+    )
+    lines.append(
+      f"  CPU per step: the step {out['step_cpu_s'] * 1e3:.0f} ms (all threads), the pipeline "
+      f"{out['pipeline_cpu_s'] * 1e3:.1f} ms (workers {out['pipeline_worker_cpu_s'] * 1e3:.1f}) "
+      f"= {100 * out['pipeline_cpu_share']:.1f}% of the step's"
     )
   if "matmul_alone_s" in out:
     lines.append(

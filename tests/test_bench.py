@@ -50,6 +50,8 @@ def test_train_step_bench_reports_flops_mfu_and_no_recompiles(tiny_step):
   assert out["recompiles_after_warmup"] == 0
   assert out["loop_fixed_s"] > 0 and out["loop_pipeline_s"] > 0
   assert len(out["pipeline_slowdown_rounds"]) == 4
+  assert out["step_cpu_s"] > 0 and out["pipeline_cpu_s"] >= 0
+  assert math.isclose(out["pipeline_cpu_share"], out["pipeline_cpu_s"] / out["step_cpu_s"])
   assert "MFU" in train_step.report(out)
   # The matmul ceiling: the step's own dots (forward and backward), timed alone.
   assert out["matmuls"] > out["distinct_matmuls"] > 10

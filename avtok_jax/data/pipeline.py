@@ -32,7 +32,8 @@ Output batch (B = batch_size // process_count):
 
 A training pipeline can be asked for fewer keys (`keys=`, e.g.
 `train_keys(("video",))` for a video-only stage): what is not asked for is
-not computed (stage 1 skips the log-mel, ~1 ms a clip).
+not computed (stage 1 skips the log-mel, ~1 ms a clip, and the built-in
+generator does not render the sound, ~2 ms a clip of the small preset).
 
 Token orders are those of `patches.py`.
 """
@@ -66,10 +67,11 @@ class SyntheticSource:
 
   Index i of a split is generator clip (split_seed, i): the same clip that
   `synthetic_av` writes for that index, so in-memory and TFDS runs see the
-  same data.
+  same data. audio=False: silent records (the sound is not rendered), for a
+  pipeline that does not read it (`train_keys` without 'mel_patches').
   """
 
-  def __init__(self, data_config: ml_collections.ConfigDict, split: str):
+  def __init__(self, data_config: ml_collections.ConfigDict, split: str, audio: bool = True):
     if split == data_config.train_split:
       self._len = int(data_config.num_train_examples)
     elif split == data_config.eval_split:
@@ -82,6 +84,7 @@ class SyntheticSource:
     self._spec = synthetic_av.generator_spec(data_config)
     self._seed = synthetic_av.split_seed(data_config, split)
     self._split = split
+    self._audio = audio
 
   def __len__(self) -> int:
     return self._len
@@ -90,10 +93,13 @@ class SyntheticSource:
     index = int(index)
     if not 0 <= index < self._len:
       raise IndexError(f"SyntheticSource index {index} is out of range [0, {self._len}).")
-    return synthetic_av.make_record(self._spec, self._seed, index)
+    return synthetic_av.make_record(self._spec, self._seed, index, audio=self._audio)
 
   def __repr__(self) -> str:
-    return f"SyntheticSource(split={self._split!r}, seed={self._seed}, len={self._len})"
+    return (
+      f"SyntheticSource(split={self._split!r}, seed={self._seed}, len={self._len}, "
+      f"audio={self._audio})"
+    )
 
 
 class _PaddedSource:
@@ -117,15 +123,16 @@ class _PaddedSource:
     return f"_PaddedSource({self._source!r}, length={self._length})"
 
 
-def make_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
+def make_source(data_config: ml_collections.ConfigDict, split: str, audio: bool = True) -> Any:
   """The random-access source of `data_config.source` for one split.
 
-  'synthetic' -> SyntheticSource; 'tfds:synthetic_av' / 'tfds:av_folder' ->
+  'synthetic' -> SyntheticSource (audio=False: silent, not rendered);
+  'tfds:synthetic_av' / 'tfds:av_folder' ->
   `tfds.data_source('{name}/{preset}', split, data_dir=data_config.data_dir)`.
   """
   source = data_config.source
   if source == "synthetic":
-    return SyntheticSource(data_config, split)
+    return SyntheticSource(data_config, split, audio=audio)
   if not source.startswith(TFDS_PREFIX):
     raise ValueError(
       f"Unknown data source {source!r}: use 'synthetic', 'tfds:synthetic_av' or 'tfds:av_folder'."
@@ -269,7 +276,8 @@ def make_dataset(
     raise ValueError(f"seed={seed} must be in [0, 2**32).")
   _ensure_flags_parsed()
 
-  source = make_source(data_config, split)
+  preprocess = Preprocess(data_config, train=train, keys=keys)
+  source = make_source(data_config, split, audio="mel_patches" in preprocess.keys or not train)
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of source {data_config.source!r} is empty.")
   if not train:
@@ -284,7 +292,7 @@ def make_dataset(
   # depend on its global position only (not on which process reads it); then
   # each process takes its contiguous block of every global batch.
   map_seed = int(np.random.SeedSequence([seed, 0, 1]).generate_state(1)[0])
-  ds = ds.random_map(Preprocess(data_config, train=train, keys=keys), seed=map_seed)
+  ds = ds.random_map(preprocess, seed=map_seed)
   ds = ProcessBlocks(ds, local_batch, process_index, process_count)
   ds = ds.batch(local_batch, drop_remainder=train)
   read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES)

@@ -170,6 +170,18 @@ def test_determinism():
     assert other["audio"].tobytes() != base["audio"].tobytes()
 
 
+def test_silent_clips_keep_everything_but_the_sound():
+  """audio=False (a video-only pipeline) skips the sound; the rest is the same clip."""
+  full = synthetic.generate(TINY, 5, 3, with_ground_truth=True)
+  silent = synthetic.generate(TINY, 5, 3, with_ground_truth=True, audio=False)
+  assert full.keys() == silent.keys()
+  assert silent["audio"].shape == full["audio"].shape and silent["audio"].dtype == np.float32
+  assert not silent["audio"].any() and full["audio"].any()
+  for key in full:
+    if key != "audio":
+      np.testing.assert_array_equal(np.asarray(full[key]), np.asarray(silent[key]), err_msg=key)
+
+
 @pytest.mark.parametrize("preset, count", [("tiny", 60), ("paper", 4)])
 def test_shapes_dtypes_ranges(preset, count):
   spec = _spec(preset)

@@ -41,9 +41,15 @@ def generator_spec(data_config: ml_collections.ConfigDict) -> synthetic.Syntheti
   return synthetic.SyntheticSpec.from_config(data_config, height=hs, width=ws)
 
 
-def make_record(spec: synthetic.SyntheticSpec, seed: int, index: int) -> dict[str, Any]:
-  """One generated clip in the record layout that `tfds.data_source` returns."""
-  clip = synthetic.generate(spec, seed, index)
+def make_record(
+  spec: synthetic.SyntheticSpec, seed: int, index: int, audio: bool = True
+) -> dict[str, Any]:
+  """One generated clip in the record layout that `tfds.data_source` returns.
+
+  audio=False: silent (`synthetic.generate(audio=False)`), for readers that
+  drop the sound.
+  """
+  clip = synthetic.generate(spec, seed, index, audio=audio)
   return {
     "video": clip["video"],
     "audio": common.audio_to_int16(clip["audio"]),
