@@ -270,8 +270,10 @@ class StepBench:
     """Compiles the step ahead of time; later steps run this executable (no second compile)."""
     with self.context():
       t = time.perf_counter()
-      compiled = self.step_fn.lower(self.state, self.batch).compile()
+      traced = self.step_fn.trace(self.state, self.batch)
+      compiled = traced.lower().compile()
       seconds = time.perf_counter() - t
+    self.jaxpr = traced.jaxpr  # the traced step (`step_matmuls` reads it)
     self.step_fn = compiled
     return compiled, seconds
 
@@ -289,12 +291,9 @@ class StepBench:
         times.append(time.perf_counter() - t)
     return times
 
-  def loop_time(self, n: int, real_data: bool) -> float:
-    """Seconds per step of the trainer's loop shape (no per-step wait)."""
-    return self.loop_costs(n, real_data)[0]
-
   def loop_costs(self, n: int, real_data: bool) -> tuple[float, float, float]:
-    """(wall, this process' CPU, its child processes' CPU) seconds per step of the loop.
+    """(wall, this process' CPU, its child processes' CPU) seconds per step of the trainer's
+    loop shape (no per-step wait).
 
     The children are the Grain worker processes (their CPU is what the
     pipeline costs; this process' CPU is mostly XLA's threads).
@@ -367,23 +366,23 @@ def run(
     for r in range(data_rounds):
       for real_data in (False, True) if r % 2 == 0 else (True, False):
         costs[real_data].append(bench.loop_costs(steps, real_data=real_data))
-    fixed, real = ([c[0] for c in costs[k]] for k in (False, True))
-
-    def median_of(real_data, i):
-      return statistics.median(c[i] for c in costs[real_data])
-
+    # Medians over rounds of (wall, own CPU, workers' CPU) per step.
+    (fixed_s, step_cpu, _), (real_s, real_cpu, worker_cpu) = (
+      [statistics.median(c[i] for c in costs[k]) for i in range(3)] for k in (False, True)
+    )
+    rounds = [p[0] / f[0] - 1 for p, f in zip(costs[True], costs[False], strict=True)]
     # CPU the pipeline adds per step: its workers' plus what the loop's own
     # process spends more than on a fixed batch (next(), to_global_array).
-    pipeline_cpu = median_of(True, 2) + max(median_of(True, 1) - median_of(False, 1), 0.0)
+    pipeline_cpu = worker_cpu + max(real_cpu - step_cpu, 0.0)
     out.update(
-      loop_fixed_s=statistics.median(fixed),
-      loop_pipeline_s=statistics.median(real),
-      pipeline_slowdown=statistics.median(p / f - 1 for p, f in zip(real, fixed, strict=True)),
-      pipeline_slowdown_rounds=[p / f - 1 for p, f in zip(real, fixed, strict=True)],
-      step_cpu_s=median_of(False, 1),
-      pipeline_worker_cpu_s=median_of(True, 2),
+      loop_fixed_s=fixed_s,
+      loop_pipeline_s=real_s,
+      pipeline_slowdown=statistics.median(rounds),
+      pipeline_slowdown_rounds=rounds,
+      step_cpu_s=step_cpu,
+      pipeline_worker_cpu_s=worker_cpu,
       pipeline_cpu_s=pipeline_cpu,
-      pipeline_cpu_share=pipeline_cpu / median_of(False, 1),
+      pipeline_cpu_share=pipeline_cpu / step_cpu,
     )
   out["recompiles_after_warmup"] = reporting.compile_count() - compiles0
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
@@ -398,9 +397,7 @@ def run(
     # If all but the matmuls took no time and each matmul ran as fast as it
     # does alone, the step would take matmul_alone_s: its MFU is the most
     # this step can reach with XLA's matmuls at these shapes.
-    with bench.context():
-      jaxpr = jax.make_jaxpr(bench.setup.train_step)(bench.state, bench.batch)
-    matmuls = step_matmuls(jaxpr)
+    matmuls = step_matmuls(bench.jaxpr)
     alone_s, matmul_flops = time_matmuls(matmuls)
     out.update(
       matmuls=sum(matmuls.values()),

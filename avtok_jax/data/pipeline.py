@@ -277,7 +277,8 @@ def make_dataset(
   _ensure_flags_parsed()
 
   preprocess = Preprocess(data_config, train=train, keys=keys)
-  source = make_source(data_config, split, audio="mel_patches" in preprocess.keys or not train)
+  # Evaluation always reads the sound (its keys are all of TRAIN_KEYS).
+  source = make_source(data_config, split, audio="mel_patches" in preprocess.keys)
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of source {data_config.source!r} is empty.")
   if not train:
