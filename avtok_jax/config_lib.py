@@ -267,6 +267,15 @@ def model_config(size: str = "L") -> ml_collections.ConfigDict:
     c.align_hidden_dim, c.align_out_dim = 64, 32  # [ours]
   c.mlp_ratio = 4.0  # [LARP]
   c.qkv_bias = False  # [LARP]
+  # Where the per-modality LayerNorms sit, and the locality paths
+  # (models/tokenizer.py; measured in docs/results/learning.md) [ours].
+  c.norms = "inside"
+  c.head_norm = False
+  c.locality = "both"
+  c.query_pe = True
+  c.code_embedding = False
+  c.code_scale = 4.0  # [ours] sqrt(code_dim): unit codes -> unit-variance entries
+  c.codebook_init_std = 1.0
   # Quantizer [LARP]: l2-normalised factorised codes; loss 0.25*commit + 1.0*codebook
   # (the 0.1 L_vq weight lives with the loss weights); stochastic code choice in
   # training samples softmax(cos / temperature).
@@ -274,6 +283,9 @@ def model_config(size: str = "L") -> ml_collections.ConfigDict:
   c.commit_weight = 0.25  # [LARP]
   c.codebook_weight = 1.0  # [LARP]
   c.quantizer_temperature = 0.03  # [LARP]
+  # How the decoder's gradient reaches the encoder through the codes
+  # ('straight_through' [LARP] | 'rotation'; models/quantizer.py).
+  c.quantizer_gradient = "straight_through"
   c.stochastic_quantization = True  # [LARP] in training; argmax at eval
   # AR prior [LARP]: depth 0 disables it. Logits = prediction . codebook^T / T.
   c.prior_mlp_ratio = 4.0  # [LARP]
@@ -319,8 +331,20 @@ def check_model_config(model: ml_collections.ConfigDict, data: ml_collections.Co
     problems.append(
       f"mlp_ratio={model.mlp_ratio} must be > 0 and give a whole MLP width for width={model.width}"
     )
+  if model.norms not in ("inside", "outside"):  # models/tokenizer.py NORMS
+    problems.append(f"norms={model.norms!r} must be 'inside' or 'outside'")
+  if model.locality not in ("none", "decoder", "both"):  # models/tokenizer.py LOCALITY
+    problems.append(f"locality={model.locality!r} must be 'none', 'decoder' or 'both'")
+  if model.code_scale <= 0 or model.codebook_init_std <= 0:
+    problems.append(
+      f"code_scale={model.code_scale} and codebook_init_std={model.codebook_init_std} must be > 0"
+    )
   if model.codebook_size < 2:
     problems.append(f"codebook_size={model.codebook_size} must be >= 2")
+  if model.quantizer_gradient not in ("straight_through", "rotation"):  # quantizer.GRADIENTS
+    problems.append(
+      f"quantizer_gradient={model.quantizer_gradient!r} must be 'straight_through' or 'rotation'"
+    )
   if model.quantizer_temperature <= 0:
     problems.append(f"quantizer_temperature={model.quantizer_temperature} must be > 0")
   if model.prior_depth < 0:

@@ -23,8 +23,9 @@ config, so that sizes always match:
   inference (no grad, argmax codes) for the config's modalities.
 * `load_jax_params(module, jax_params)`: copies a JAX parameter tree (from
   `train.Models(config).init`, boxed or not, with or without scan-stacked
-  blocks) into the module; `tests/test_torch_reference.py` then checks the
-  losses against the JAX train step on the tiny preset.
+  blocks, per-modality block norms included) into the module;
+  `tests/test_torch_reference.py` then checks the losses against the JAX
+  train step on the tiny preset, for the default and non-default options.
 * `load_config(stage, preset)`: the stage config (`configs/vfal_stage1.py` or
   `configs/vanilla.py`) with the GAN off.
 
@@ -33,27 +34,42 @@ Where each piece comes from (our JAX modules are the specification):
 * Blocks (`avtok_jax/models/layers.py`): pre-LN blocks, LayerNorm eps 1e-6,
   multi-head attention with no q/k/v bias (`model.qkv_bias`), output bias,
   softmax scale 1/sqrt(head_dim), MLP Dense -> GELU (tanh approximation) ->
-  Dense with mlp_dim = width * mlp_ratio; the encoder ends with a LayerNorm,
-  the decoder does not. Fixed sin-cos position tables come from
-  `layers.sincos_table` itself.
-* Tokenizer (`avtok_jax/models/tokenizer.py`): per modality m, Dense
-  m_embed + grid PE, one LayerNorm m_in_norm over [patches ; holistic queries],
-  the shared encoder (once per modality), quant_in on the query outputs,
-  quantizer, quant_out + 1D PE over latent positions, [latents ; patch queries
-  + grid PE] through the shared decoder, m_out_norm, zero-init m_head.
+  Dense with mlp_dim = width * mlp_ratio. With `model.norms='inside'` every
+  LayerNorm of the shared encoder / decoder is per modality (`{m}_norm1`,
+  `{m}_norm2`, final `{m}_norm`; the stack is called with the stream's
+  modality), attention and MLP stay shared; with 'outside' they are shared
+  (`norm1`, `norm2`, `norm`). The encoder ends with a LayerNorm; the decoder
+  only with norms='inside' and `model.head_norm`. Fixed sin-cos position
+  tables come from `layers.sincos_table` itself.
+* Tokenizer (`avtok_jax/models/tokenizer.py`), options read from
+  `config.model` as `models.build_tokenizer` passes them: per modality m,
+  Dense m_embed + grid PE = h; holistic queries m_queries, plus with
+  `locality='both'` the mean of h over each token's region (token t's region
+  is the patches j with floor(j * n_tokens / n_patches) = t); then
+  norms='outside': one LayerNorm m_in_norm over [h ; queries], norms='inside':
+  queries + 1D PE over their positions and no norm; the shared encoder (once
+  per modality), quant_in on the query outputs, quantizer; decoder input:
+  content = quant_out(quantized * `model.code_scale`), latents = content + 1D
+  PE, patch queries = m_patch_queries + grid PE, plus with locality 'decoder'
+  or 'both' the content of their region's token; [latents ; patch queries]
+  through the shared decoder, m_out_norm (norms='outside' only),
+  zero-init m_head.
 * Quantizer (`avtok_jax/models/quantizer.py`): l2-normalised input and
-  codebook; the code is argmax cos, or in training with
-  `model.stochastic_quantization` (the JAX default, True) a sample of
-  softmax(cos / T) by Gumbel-max; straight-through; loss 0.25 * commit +
-  1.0 * codebook (means over tokens and code dims).
+  codebook (raw rows drawn N(0, `model.codebook_init_std`^2)); the code is
+  argmax cos, or in training with `model.stochastic_quantization` (the JAX
+  default, True) a sample of softmax(cos / T) by Gumbel-max; the gradient to
+  z per `model.quantizer_gradient`: 'straight_through' (q + z - sg(z)) or
+  'rotation' (`quantizer._rotate_onto`, the same formula: value q, gradient
+  R^T g with R the stop-gradient rotation taking z onto q); loss 0.25 *
+  commit + 1.0 * codebook (means over tokens and code dims).
 * AR prior (`avtok_jax/models/prior.py`): causal transformer over the
-  straight-through codes of [video ; audio], learned start token and
-  positions, logits = normalised prediction . stop_grad(codebook)^T / T, two
-  rounds; round 2 replaces a fraction `ss_ratio` of the inputs by codes
-  sampled from round 1's softmax (`prior.scheduled_sampling_ratio` of the
-  step, as the JAX step; the sampling always runs, as there, where the ratio
-  is a traced value); loss = cross-entropy averaged over the rounds
-  (`losses.prior_loss`).
+  quantizer outputs of [video ; audio] (unit vectors, not scaled by
+  code_scale, gradient as above), learned start token and positions,
+  logits = normalised prediction . stop_grad(codebook)^T / T, two rounds;
+  round 2 replaces a fraction `ss_ratio` of the inputs by codes sampled from
+  round 1's softmax (`prior.scheduled_sampling_ratio` of the step, as the JAX
+  step; the sampling always runs, as there, where the ratio is a traced
+  value); loss = cross-entropy averaged over the rounds (`losses.prior_loss`).
 * Alignment (`avtok_jax/models/alignment.py`, `train.py`): per modality the
   projector Dense -> SiLU -> Dense -> SiLU -> Dense on the encoder's patch
   tokens, negative cosine to the 'random' teacher's features, averaged over
@@ -181,45 +197,91 @@ class Attention(nn.Module):
     return self.out(o.transpose(1, 2).reshape(b, n, w))
 
 
+def _norm_name(name: str, modality: str | None, modalities: tuple[str, ...]) -> str:
+  """layers._norm_name: `name` for shared norms, `{modality}_{name}` for per-modality ones."""
+  if not modalities:
+    if modality is not None:
+      raise ValueError(f"modality={modality!r} given to a stack without per-modality norms.")
+    return name
+  if modality not in modalities:
+    raise ValueError(f"modality={modality!r} must be one of {modalities}.")
+  return f"{modality}_{name}"
+
+
 class Block(nn.Module):
-  def __init__(self, width, num_heads, mlp_dim, qkv_bias, causal):
+  """Pre-LN block; with `modalities`, norm1 / norm2 are per modality (`{m}_norm1`, ...)."""
+
+  def __init__(self, width, num_heads, mlp_dim, qkv_bias, causal, modalities=()):
     super().__init__()
-    self.norm1 = _layer_norm(width)
+    self.modalities = tuple(modalities)
+    for name in ("norm1", "norm2"):
+      for m in self.modalities or (None,):
+        self.add_module(_norm_name(name, m, self.modalities), _layer_norm(width))
     self.attn = Attention(width, num_heads, qkv_bias, causal)
-    self.norm2 = _layer_norm(width)
     self.mlp = Mlp(width, mlp_dim)
 
-  def forward(self, x):
-    x = x + self.attn(self.norm1(x))
-    return x + self.mlp(self.norm2(x))
+  def forward(self, x, modality=None):
+    norm1 = getattr(self, _norm_name("norm1", modality, self.modalities))
+    norm2 = getattr(self, _norm_name("norm2", modality, self.modalities))
+    x = x + self.attn(norm1(x))
+    return x + self.mlp(norm2(x))
 
 
 class Transformer(nn.Module):
-  """`depth` blocks named block_0, block_1, ... (+ final LayerNorm `norm`)."""
+  """`depth` blocks named block_0, block_1, ... (+ final LayerNorm `norm` or `{m}_norm`).
+
+  `modalities` non-empty: every LayerNorm is per modality and `forward` takes
+  `modality=` (layers.Transformer); the rest is shared.
+  """
 
   def __init__(
-    self, depth, width, num_heads, mlp_dim, qkv_bias=False, causal=False, final_norm=True
+    self,
+    depth,
+    width,
+    num_heads,
+    mlp_dim,
+    qkv_bias=False,
+    causal=False,
+    final_norm=True,
+    modalities=(),
   ):
     super().__init__()
-    self.depth = depth
+    self.depth, self.final_norm = depth, final_norm
+    self.modalities = tuple(modalities)
     for i in range(depth):
-      self.add_module(f"block_{i}", Block(width, num_heads, mlp_dim, qkv_bias, causal))
-    self.norm = _layer_norm(width) if final_norm else None
+      block = Block(width, num_heads, mlp_dim, qkv_bias, causal, self.modalities)
+      self.add_module(f"block_{i}", block)
+    if final_norm:
+      for m in self.modalities or (None,):
+        self.add_module(_norm_name("norm", m, self.modalities), _layer_norm(width))
 
-  def forward(self, x):
+  def forward(self, x, modality=None):
     for i in range(self.depth):
-      x = getattr(self, f"block_{i}")(x)
-    return self.norm(x) if self.norm is not None else x
+      x = getattr(self, f"block_{i}")(x, modality)
+    if self.final_norm:
+      x = getattr(self, _norm_name("norm", modality, self.modalities))(x)
+    return x
 
 
 class Quantizer(nn.Module):
-  """l2-normalised VQ, straight-through, 0.25 commit + 1.0 codebook (quantizer.py)."""
+  """l2-normalised VQ, straight-through or rotation, 0.25 commit + 1.0 codebook (quantizer.py)."""
 
-  def __init__(self, codebook_size, code_dim, commit_weight, codebook_weight, temperature):
+  def __init__(
+    self,
+    codebook_size,
+    code_dim,
+    commit_weight,
+    codebook_weight,
+    temperature,
+    gradient="straight_through",
+    init_std=1.0,
+  ):
     super().__init__()
-    self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))
+    if gradient not in ("straight_through", "rotation"):
+      raise ValueError(f"gradient={gradient!r} must be 'straight_through' or 'rotation'.")
+    self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim) * init_std)
     self.commit_weight, self.codebook_weight = commit_weight, codebook_weight
-    self.temperature = temperature
+    self.temperature, self.gradient = temperature, gradient
 
   def normalized_codebook(self) -> torch.Tensor:
     return _unit(self.codebook)
@@ -235,11 +297,28 @@ class Quantizer(nn.Module):
     q = F.embedding(codes, codebook)
     commit = (q.detach() - z).square().mean()
     codebook_loss = (q - z.detach()).square().mean()
+    if self.gradient == "rotation":
+      quantized = _rotate_onto(z, q.detach())
+    else:
+      quantized = q.detach() + (z - z.detach())
     return {
       "codes": codes,
-      "quantized": q.detach() + (z - z.detach()),
+      "quantized": quantized,
       "loss": self.commit_weight * commit + self.codebook_weight * codebook_loss,
     }
+
+
+def _rotate_onto(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+  """quantizer._rotate_onto: value q, gradient to z R^T g, R = I - 2 r r^T + 2 q z^T constant.
+
+  For unit rows z, q (q without gradient); r = (z + q) / |z + q|.
+  """
+  zs = z.detach()
+  r = _unit(zs + q)
+  proj_r = (r * z).sum(-1, keepdim=True)
+  proj_z = (zs * z).sum(-1, keepdim=True)
+  rotated = z - 2.0 * r * proj_r + 2.0 * q * proj_z
+  return q + (rotated - rotated.detach())
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -415,13 +494,24 @@ class AVTokTorch(nn.Module):
     self.mel_shape = (d.mel.n_mels, config_lib.num_mel_frames(d))
     self.video_patch, self.mel_patch = tuple(d.video_patch), tuple(d.mel_patch)
     width, mlp_dim = m.width, int(m.width * m.mlp_ratio)
+    # The options build_tokenizer passes (check_model_config has validated them).
+    self.norms, self.head_norm, self.locality = m.norms, bool(m.head_norm), m.locality
+    self.code_scale = float(m.code_scale)
+    inside = self.norms == "inside"
 
     stack = dict(width=width, num_heads=m.num_heads, mlp_dim=mlp_dim, qkv_bias=m.qkv_bias)
+    stack["modalities"] = MODALITIES if inside else ()
     self.encoder = Transformer(m.encoder_depth, final_norm=True, **stack)
-    self.decoder = Transformer(m.decoder_depth, final_norm=False, **stack)
+    self.decoder = Transformer(m.decoder_depth, final_norm=inside and self.head_norm, **stack)
     self.quant_in = _dense(width, m.code_dim)
     self.quantizer = Quantizer(
-      m.codebook_size, m.code_dim, m.commit_weight, m.codebook_weight, m.quantizer_temperature
+      m.codebook_size,
+      m.code_dim,
+      m.commit_weight,
+      m.codebook_weight,
+      m.quantizer_temperature,
+      gradient=m.quantizer_gradient,
+      init_std=float(m.codebook_init_std),
     )
     self.quant_out = _dense(m.code_dim, width)
     self.prior = (
@@ -439,12 +529,13 @@ class AVTokTorch(nn.Module):
     )
     for mod in MODALITIES:
       self.add_module(f"{mod}_embed", _dense(patch_dim[mod], width))
-      self.add_module(f"{mod}_in_norm", _layer_norm(width))
+      if not inside:
+        self.add_module(f"{mod}_in_norm", _layer_norm(width))
+        self.add_module(f"{mod}_out_norm", _layer_norm(width))
       queries = torch.randn(self.num_tokens[mod], width) * 0.02
       self.register_parameter(f"{mod}_queries", nn.Parameter(queries))
       patch_queries = torch.randn(self.num_patches[mod], width) * 0.02
       self.register_parameter(f"{mod}_patch_queries", nn.Parameter(patch_queries))
-      self.add_module(f"{mod}_out_norm", _layer_norm(width))
       head = nn.Linear(width, patch_dim[mod])  # zero-init head [LARP]
       nn.init.zeros_(head.weight)
       nn.init.zeros_(head.bias)
@@ -459,7 +550,16 @@ class AVTokTorch(nn.Module):
       for mod in MODALITIES
     }
     for mod, table in latent_pos.items():
+      # Also the holistic queries' position table with norms='inside'.
       self.register_buffer(f"{mod}_latent_pos", table, persistent=False)
+      # Locality: token t's region is the patches j with floor(j * n_t / N) = t;
+      # `pool` [n_t, N] averages a region (an empty region gives a zero row).
+      n_patches, n_tok = self.num_patches[mod], self.num_tokens[mod]
+      regions = torch.div(torch.arange(n_patches) * n_tok, n_patches, rounding_mode="floor")
+      pool = F.one_hot(regions, n_tok).t().to(torch.float32)
+      pool = pool / pool.sum(1, keepdim=True).clamp(min=1.0)
+      self.register_buffer(f"{mod}_regions", regions, persistent=False)
+      self.register_buffer(f"{mod}_pool", pool, persistent=False)
     if config.alignment.teacher != "random":
       raise ValueError(f"Only the 'random' teacher is implemented, got {config.alignment.teacher}.")
     self.teacher = RandomTeacher(
@@ -474,12 +574,22 @@ class AVTokTorch(nn.Module):
   def _part(self, modality: str, name: str):
     return getattr(self, f"{modality}_{name}")
 
+  def _stream(self, modality: str) -> dict[str, str]:
+    """The shared stacks' `modality=` (per-modality norms only with norms='inside')."""
+    return {"modality": modality} if self.norms == "inside" else {}
+
   def _encode_one(self, modality: str, x: torch.Tensor, stochastic: bool) -> dict[str, Any]:
     b = x.shape[0]
     h = self._part(modality, "embed")(x) + self._part(modality, "pos")
     queries = self._part(modality, "queries").expand(b, -1, -1)
-    seq = self._part(modality, "in_norm")(torch.cat([h, queries], dim=1))
-    out = self.encoder(seq)
+    if self.locality == "both":
+      queries = queries + self._part(modality, "pool") @ h  # region means of h
+    if self.norms == "outside":
+      seq = self._part(modality, "in_norm")(torch.cat([h, queries], dim=1))
+    else:
+      queries = queries + self._part(modality, "latent_pos")
+      seq = torch.cat([h, queries], dim=1)
+    out = self.encoder(seq, **self._stream(modality))
     n = self.num_patches[modality]
     q = self.quantizer(self.quant_in(out[:, n:]), stochastic)
     q["patch_tokens"] = out[:, :n]
@@ -487,11 +597,18 @@ class AVTokTorch(nn.Module):
 
   def _decode_one(self, modality: str, quantized: torch.Tensor) -> torch.Tensor:
     b, n_tokens = quantized.shape[:2]
-    latents = self.quant_out(quantized) + self._part(modality, "latent_pos")
+    content = self.quant_out(quantized * self.code_scale)
+    latents = content + self._part(modality, "latent_pos")
     patch_queries = self._part(modality, "patch_queries") + self._part(modality, "pos")
-    seq = torch.cat([latents, patch_queries.expand(b, -1, -1)], dim=1)
-    out = self.decoder(seq)[:, n_tokens:]
-    return self._part(modality, "head")(self._part(modality, "out_norm")(out))
+    patch_queries = patch_queries.expand(b, -1, -1)
+    if self.locality in ("decoder", "both"):
+      # Each patch query adds its region's token content (no latent position table).
+      patch_queries = patch_queries + content[:, self._part(modality, "regions")]
+    seq = torch.cat([latents, patch_queries], dim=1)
+    out = self.decoder(seq, **self._stream(modality))[:, n_tokens:]
+    if self.norms == "outside":
+      out = self._part(modality, "out_norm")(out)
+    return self._part(modality, "head")(out)
 
   def _inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     keys = {"video": "video_patches", "audio": "mel_patches"}

@@ -3,12 +3,15 @@
 The check that makes it a reference: the JAX parameters of the tiny preset,
 copied into the torch module, give the same loss terms, the same total and the
 same gradient norm as `train.make_train_step` on the same batch, for VFAL
-stage 1 (video) and vanilla (video + audio), and the same codes and
-reconstructions from encode/decode. Both JAX stages and the JAX encode/decode
-run in ONE jitted function (a module fixture). Codes are argmax on both sides
-(`stochastic_quantization=False`): sampled codes would draw different noise.
-The parameters are random draws in the JAX tree's shapes (no zero-init
-heads, which would hide the decoder from the loss and the gradients).
+stage 1 (video) and vanilla (video + audio) with the config's model defaults
+and for vanilla with non-default tokenizer options (`CASES`: the norms,
+head_norm, locality, code_scale and quantizer_gradient choices), and the same
+codes and reconstructions from encode/decode. Every JAX step and encode/decode
+runs in ONE jitted function (a module fixture), so the cases cost one compile.
+Codes are argmax on both sides (`stochastic_quantization=False`): sampled
+codes would draw different noise. The parameters are random draws in the JAX
+tree's shapes (no zero-init heads, which would hide the decoder from the loss
+and the gradients).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pytest
 import torch
 
 from avtok_jax import optimizer, train
-from avtok_jax.models import alignment
+from avtok_jax.models import alignment, quantizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -34,6 +37,36 @@ tr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tr)
 
 STAGES = ("stage1", "vanilla")
+# case -> (stage, config.model overrides). 'stage1' / 'vanilla' run whatever the config's
+# defaults are; the variants spell out every option, so they stay non-default combinations
+# when the defaults move (between them and the defaults: both norms placements, head_norm,
+# every locality in use, three code scales and both quantizer gradients).
+CASES = {
+  "stage1": ("stage1", {}),
+  "vanilla": ("vanilla", {}),
+  "outside": (
+    "vanilla",
+    dict(
+      norms="outside",
+      head_norm=False,
+      locality="none",
+      code_scale=1.0,
+      quantizer_gradient="straight_through",
+    ),
+  ),
+  "inside_rotation": (
+    "vanilla",
+    dict(
+      norms="inside",
+      head_norm=True,
+      locality="decoder",
+      code_scale=2.0,
+      quantizer_gradient="rotation",
+    ),
+  ),
+}
+# Cases with both modalities: encode/decode is checked on these.
+TWO_STREAM = tuple(c for c, (stage, _) in CASES.items() if stage == "vanilla")
 BATCH = 4
 # Tighter than the 1e-4 the reference has to meet: measured agreement is <= 1.5e-6 (relative,
 # float32), while the nearest wrong variants move some term by more: GELU erf instead of tanh
@@ -53,10 +86,16 @@ def _one_torch_thread():
   torch.set_num_threads(threads)
 
 
-def _config(stage: str, preset: str = "tiny"):
+def _config(stage: str, preset: str = "tiny", **model_overrides):
   config = tr.load_config(stage, preset)
   config.model.stochastic_quantization = False
+  config.model.update(model_overrides)
   return config
+
+
+def _case_config(case: str, preset: str = "tiny"):
+  stage, overrides = CASES[case]
+  return _config(stage, preset, **overrides)
 
 
 def _jax_step(config, models, params, codebook_stats):
@@ -95,21 +134,23 @@ def _random_params(models):
 
 @pytest.fixture(scope="module")
 def reference():
-  configs = {s: _config(s) for s in STAGES}
-  models = {s: train.Models(c) for s, c in configs.items()}
-  # Stage 1 and vanilla have the same tree (tiny): one set of parameters serves both.
-  params, codebook_stats = _random_params(models["vanilla"])
-  states, steps = {}, {}
-  for s in STAGES:
-    states[s], steps[s] = _jax_step(configs[s], models[s], params, codebook_stats)
+  configs = {c: _case_config(c) for c in CASES}
+  models = {c: train.Models(cfg) for c, cfg in configs.items()}
+  # Cases with the same model options share one set of parameters (stage 1 and vanilla have the
+  # same tree on tiny).
+  drawn, params, states, steps = {}, {}, {}, {}
+  for c, (_, overrides) in CASES.items():
+    key = tuple(sorted(overrides.items()))
+    if key not in drawn:
+      drawn[key] = _random_params(models[c])
+    params[c], codebook_stats = drawn[key]
+    states[c], steps[c] = _jax_step(configs[c], models[c], params[c], codebook_stats)
   batch = tr.random_batch(tr.build(configs["vanilla"]), BATCH, seed=0)
   jax_batch = {k: jnp.asarray(v.numpy()) for k, v in batch.items()}
-  tokenizer = models["vanilla"].tokenizer
-  tok_params = {k: v for k, v in params.items() if not k.endswith("_projector")}
 
-  @jax.jit
-  def run(states, batch):
-    metrics = {s: steps[s](states[s], batch)[1] for s in STAGES}
+  def encode_decode(case, batch):
+    tokenizer = models[case].tokenizer
+    tok_params = {k: v for k, v in params[case].items() if not k.endswith("_projector")}
     encoded = tokenizer.apply(
       {"params": tok_params},
       batch["video_patches"],
@@ -118,57 +159,100 @@ def reference():
     )
     codes = {m: encoded[m]["codes"] for m in encoded}
     recon = tokenizer.apply({"params": tok_params}, codes, method=tokenizer.decode)
-    return metrics, codes, recon
+    return codes, recon
 
-  metrics, codes, recon = jax.device_get(run(states, jax_batch))
-  return dict(
-    configs=configs, params=params, batch=batch, metrics=metrics, codes=codes, recon=recon
-  )
+  @jax.jit
+  def run(states, batch):
+    metrics = {c: steps[c](states[c], batch)[1] for c in CASES}
+    return metrics, {c: encode_decode(c, batch) for c in TWO_STREAM}
+
+  metrics, decoded = jax.device_get(run(states, jax_batch))
+  return dict(configs=configs, params=params, batch=batch, metrics=metrics, decoded=decoded)
 
 
-def _torch_model(reference, stage):
-  model = tr.build(reference["configs"][stage])
-  tr.load_jax_params(model, reference["params"])
+def _torch_model(reference, case, config=None):
+  model = tr.build(reference["configs"][case] if config is None else config)
+  tr.load_jax_params(model, reference["params"][case])
   return model
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_losses_and_gradient_norm_match_jax(reference, stage):
-  model = _torch_model(reference, stage)
-  jax_metrics = reference["metrics"][stage]
-  loss, metrics = model(reference["batch"], 0.0)  # step 0: scheduled-sampling ratio 0
+def _loss_and_grad_norm(model, batch):
+  loss, metrics = model(batch, 0.0)  # step 0: scheduled-sampling ratio 0
   loss.backward()
+  # The global gradient norm (frozen / unused parameters count 0, as in JAX).
+  grad_norm = torch.sqrt(
+    sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None)
+  )
+  return loss, metrics, float(grad_norm)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_losses_and_gradient_norm_match_jax(reference, case):
+  model = _torch_model(reference, case)
+  jax_metrics = reference["metrics"][case]
+  loss, metrics, grad_norm = _loss_and_grad_norm(model, reference["batch"])
   expected = {"video_l1", "video_l2", "vq", "prior", "alignment", "loss"}
-  if stage == "vanilla":
+  if CASES[case][0] == "vanilla":
     expected |= {"audio_l1", "audio_l2"}
   assert set(metrics) == expected
   for name, value in metrics.items():
     np.testing.assert_allclose(float(value), jax_metrics[name], rtol=RTOL, err_msg=name)
   assert float(loss.detach()) == float(metrics["loss"])
-  # Same backward: the global gradient norm (frozen / unused parameters count 0 in both).
-  grad_norm = torch.sqrt(
-    sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None)
-  )
-  np.testing.assert_allclose(float(grad_norm), jax_metrics["grad_norm"], rtol=RTOL)
+  # Same backward.
+  np.testing.assert_allclose(grad_norm, jax_metrics["grad_norm"], rtol=RTOL)
+  if reference["configs"][case].model.quantizer_gradient == "rotation":
+    # The check sees the gradient option: straight-through gives the same losses (the
+    # forward values are identical) and a gradient norm off by 3.7e-4 (measured; R^T g keeps
+    # |g| per token, so only directions change), 37x RTOL.
+    config = _case_config(case)
+    config.model.quantizer_gradient = "straight_through"
+    _, st_metrics, st_norm = _loss_and_grad_norm(
+      _torch_model(reference, case, config), reference["batch"]
+    )
+    assert float(st_metrics["loss"]) == float(metrics["loss"])
+    assert abs(st_norm / jax_metrics["grad_norm"] - 1) > 10 * RTOL
 
 
-def test_encode_decode_match_jax(reference):
-  model = _torch_model(reference, "vanilla")
+@pytest.mark.parametrize("case", TWO_STREAM)
+def test_encode_decode_match_jax(reference, case):
+  model = _torch_model(reference, case)
+  jax_codes, jax_recon = reference["decoded"][case]
   codes = model.encode(reference["batch"])
   for m in ("video", "audio"):
-    np.testing.assert_array_equal(codes[m].numpy(), reference["codes"][m])
+    np.testing.assert_array_equal(codes[m].numpy(), jax_codes[m])
   recon = model.decode(codes)
   for m in ("video", "audio"):
-    np.testing.assert_allclose(recon[m].numpy(), reference["recon"][m], rtol=0, atol=RECON_ATOL)
+    np.testing.assert_allclose(recon[m].numpy(), jax_recon[m], rtol=0, atol=RECON_ATOL)
   assert set(model.reconstruct(reference["batch"])) == {"video", "audio"}
+
+
+def test_rotation_matches_jax_value_and_gradient():
+  """tr._rotate_onto against quantizer._rotate_onto: value q, vector-Jacobian product R^T g."""
+  rng = np.random.default_rng(0)
+  z, q, g = (rng.standard_normal((6, 16)).astype(np.float32) for _ in range(3))
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  q /= np.linalg.norm(q, axis=-1, keepdims=True)
+  want, vjp = jax.vjp(lambda z: quantizer._rotate_onto(z, jnp.asarray(q)), jnp.asarray(z))
+  (want_grad,) = vjp(jnp.asarray(g))
+  zt = torch.from_numpy(z).requires_grad_(True)
+  got = tr._rotate_onto(zt, torch.from_numpy(q))
+  got.backward(torch.from_numpy(g))
+  np.testing.assert_array_equal(got.detach().numpy(), q)
+  np.testing.assert_allclose(got.detach().numpy(), np.asarray(want), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(zt.grad.numpy(), np.asarray(want_grad), rtol=1e-5, atol=1e-6)
+  # R is a rotation taking z onto q: |R^T g| = |g|, and R^T g != g.
+  np.testing.assert_allclose(
+    np.linalg.norm(zt.grad.numpy(), axis=-1), np.linalg.norm(g, axis=-1), rtol=1e-5
+  )
+  assert not np.allclose(zt.grad.numpy(), g, atol=1e-2)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_parameter_counts_match_jax(reference, preset):
-  for stage in STAGES:
-    config = _config(stage, preset)
+  for case in CASES if preset == "tiny" else STAGES:
+    config = _case_config(case, preset)
     if preset == "tiny":
-      tree = reference["params"]
+      tree = reference["params"][case]
     else:
       tree = jax.eval_shape(train.Models(config).init, jax.random.key(0))["params"]
       tree = train._strip_boxes(tree)
@@ -200,17 +284,37 @@ def test_resize_matrix_matches_jax_image_resize():
     np.testing.assert_allclose(tr._resize_matrix(7, n_out).T @ x, want, rtol=1e-5, atol=1e-6)
 
 
-def test_load_jax_params_handles_scan_stacked_blocks(reference):
-  """B/L use nn.scan: blocks stacked on a leading axis under 'blocks' load as block_i."""
-  params = dict(reference["params"])
-  enc = dict(params["encoder"])
-  block = enc.pop("block_0")
-  enc["blocks"] = jax.tree.map(lambda x: np.stack([x]), block)
-  params["encoder"] = enc
-  a, b = tr.build(reference["configs"]["stage1"]), tr.build(reference["configs"]["stage1"])
-  tr.load_jax_params(a, reference["params"])
-  tr.load_jax_params(b, params)
-  for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+def test_load_jax_params_handles_scan_stacked_blocks():
+  """B/L use nn.scan: blocks stacked on a leading axis under 'blocks' (per-modality norms
+  included, e.g. encoder/blocks/video_norm1) load as block_i; the final per-modality norms
+  (encoder/video_norm, decoder/audio_norm with head_norm) are not stacked."""
+  overrides = dict(norms="inside", head_norm=True, encoder_depth=2, decoder_depth=2)
+  scanned = _config("vanilla", scan=True, **overrides)
+  abstract = jax.eval_shape(train.Models(scanned).init, jax.random.key(0))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda x: rng.standard_normal(x.shape).astype(np.float32), train._strip_boxes(abstract)
+  )
+  stacked = params["encoder"]["blocks"]["video_norm1"]["scale"]
+  assert stacked.shape == (2, scanned.model.width)
+  assert "video_norm" in params["encoder"] and "audio_norm" in params["decoder"]
+  model = tr.build(_config("vanilla", **overrides))
+  tr.load_jax_params(model, params)  # strict: every name on both sides
+  for i in range(2):
+    np.testing.assert_array_equal(
+      model.encoder.get_submodule(f"block_{i}.video_norm1").weight.detach().numpy(), stacked[i]
+    )
+  # The same tree unstacked by hand loads the same values.
+  unstacked = dict(params)
+  for stack in ("encoder", "decoder"):
+    tree = dict(unstacked[stack])
+    blocks = tree.pop("blocks")
+    for i in range(2):
+      tree[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+    unstacked[stack] = tree
+  other = tr.build(_config("vanilla", **overrides))
+  tr.load_jax_params(other, unstacked)
+  for (name, x), (_, y) in zip(model.state_dict().items(), other.state_dict().items(), strict=True):
     assert torch.equal(x, y), name
 
 
@@ -245,3 +349,9 @@ def test_train_step_freezes_audio_in_stage1_and_runs_the_cli():
     ["--preset=tiny", "--stage=vanilla", "--batch_size=2", "--steps=2", "--warmup=1", "--threads=1"]
   )
   assert result["train_step_s"] > 0 and result["threads"] >= 1 and result["codes"] == "argmax"
+
+
+def test_codebook_init_std_follows_config():
+  for std in (0.25, 1.0):
+    model = tr.build(_config("vanilla", codebook_init_std=std))
+    np.testing.assert_allclose(float(model.quantizer.codebook.detach().std()), std, rtol=0.1)

@@ -439,6 +439,9 @@ def _evaluate(config, tokenizer, variables, modalities, data_config, split, opti
       video_out = np.asarray(recon["video"])
       keep["video_out"] = video_out[mask]
       add("psnr", metrics_lib.psnr(video_in, video_out), mask)
+      # The level of coding each patch by its mean colour (the floor to beat).
+      patch_mean = metrics_lib.patch_mean_video(video_in, data_config.video_patch)
+      add("patch_mean_psnr", metrics_lib.psnr(video_in, patch_mean), mask)
       add("ssim", metrics_lib.ssim(video_in, video_out), mask)
       if not isinstance(nets["lpips"], str):
         add("lpips", nets["lpips"](video_in, video_out), mask)
@@ -527,7 +530,7 @@ def _summarise(per_clip, codes_all, features, nets, modalities, config, clips, s
   """metrics.json: means of the per-clip values, Frechet distances, health figures."""
   s: dict[str, Any] = {"num_clips": clips}
   skip_video, skip_audio = NOT_EVALUATED_VIDEO, NOT_EVALUATED_AUDIO
-  for key in ("psnr", "ssim", "lpips"):
+  for key in ("psnr", "patch_mean_psnr", "ssim", "lpips"):
     if key in per_clip:
       s[key] = float(per_clip[key].mean())
     else:

@@ -147,6 +147,24 @@ def psnr(x: ArrayLike, y: ArrayLike, data_range: float = 2.0) -> jax.Array:
   return _psnr(x, y, jnp.asarray(data_range, dtype=x.dtype))
 
 
+def patch_mean_video(video: ArrayLike, patch: Sequence[int]) -> np.ndarray:
+  """Each clip with every (pt, ph, pw) patch replaced by its mean colour, [N, T, H, W, 3].
+
+  The reference a video tokenizer must beat: `psnr(video, patch_mean_video(video, patch))`
+  is what coding each patch by its mean colour alone scores (3 floats per patch).
+  """
+  v = np.asarray(video, np.float64)
+  if v.ndim != 5 or v.shape[-1] != 3:
+    raise ValueError(f"video must be [N, T, H, W, 3], got shape {v.shape}.")
+  pt, ph, pw = (int(p) for p in patch)
+  n, t, h, w, c = v.shape
+  if t % pt or h % ph or w % pw:
+    raise ValueError(f"video {v.shape[1:4]} is not divisible by the patch {(pt, ph, pw)}.")
+  blocks = v.reshape(n, t // pt, pt, h // ph, ph, w // pw, pw, c)
+  means = blocks.mean(axis=(2, 4, 6), keepdims=True)
+  return np.broadcast_to(means, blocks.shape).reshape(v.shape)
+
+
 # ----------------------------------------------------------------------------
 # SSIM
 # ----------------------------------------------------------------------------

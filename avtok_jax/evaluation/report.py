@@ -39,6 +39,7 @@ PAPER_COLUMNS = (
 
 # (title, key, digits) of the second table: what a tokenizer's health needs.
 EXTRA_ROWS = (
+  ("PSNR of each patch's mean colour (the floor to beat) ↑", "patch_mean_psnr", 2),
   ("SSIM ↑", "ssim", 4),
   ("mel L1 (normalised log-mel) ↓", "mel_l1", 4),
   ("SI-SDR, usual sign (dB) ↑", "si_sdr", 2),

@@ -302,19 +302,29 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block; the residual stream stays in float32."""
+  """Pre-LN transformer block; the residual stream stays in float32.
+
+  `modalities` non-empty: the two LayerNorms are per modality
+  (`{m}_norm1`, `{m}_norm2`) and the call names the stream that runs
+  (`modality=`); attention and MLP weights are shared. Empty: one
+  `norm1` / `norm2` (the generator, the prior).
+  """
 
   num_heads: int
   mlp_dim: int
   qkv_bias: bool = False
   causal: bool = False
+  modalities: tuple[str, ...] = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def _norm(self, name: str, modality: str | None) -> LayerNorm:
+    return LayerNorm(param_dtype=self.param_dtype, name=_norm_name(name, modality, self.modalities))
+
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, modality: str | None = None) -> jax.Array:
     x = nn.with_logical_constraint(x.astype(jnp.float32), ("batch", "length", "embed"))
-    h = LayerNorm(param_dtype=self.param_dtype, name="norm1")(x).astype(self.dtype)
+    h = self._norm("norm1", modality)(x).astype(self.dtype)
     h = Attention(
       self.num_heads,
       qkv_bias=self.qkv_bias,
@@ -324,22 +334,38 @@ class Block(nn.Module):
       name="attn",
     )(h)
     x = x + h.astype(jnp.float32)
-    h = LayerNorm(param_dtype=self.param_dtype, name="norm2")(x).astype(self.dtype)
+    h = self._norm("norm2", modality)(x).astype(self.dtype)
     h = Mlp(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
     x = x + h.astype(jnp.float32)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _norm_name(name: str, modality: str | None, modalities: tuple[str, ...]) -> str:
+  """`name` for shared norms, `{modality}_{name}` for per-modality ones (checked)."""
+  if not modalities:
+    if modality is not None:
+      raise ValueError(f"modality={modality!r} given to a stack without per-modality norms.")
+    return name
+  if modality not in modalities:
+    raise ValueError(f"modality={modality!r} must be one of {modalities}.")
+  return f"{modality}_{name}"
 
 
 class _ScanBlock(Block):
   """Block with the (carry, output) signature that `nn.scan` expects."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
-    return super().__call__(x), None
+  def __call__(self, x: jax.Array, modality: str | None = None) -> tuple[jax.Array, None]:
+    return super().__call__(x, modality), None
 
 
 class Transformer(nn.Module):
   """A stack of `depth` pre-LN blocks (+ final LayerNorm).
+
+  `modalities` non-empty: every LayerNorm (the blocks' and the final one) is
+  per modality and `__call__` takes `modality=`; everything else is shared
+  by the streams (AVTok's "separate normalization layers per modality,
+  sharing the remaining parameters" [paper]).
 
   `remat` recomputes each block's activations in the backward pass (memory
   for compute); `scan` rolls the blocks into one `nn.scan` loop, so that the
@@ -356,16 +382,18 @@ class Transformer(nn.Module):
   remat: bool = False
   scan: bool = False
   final_norm: bool = True
+  modalities: tuple[str, ...] = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, modality: str | None = None) -> jax.Array:
     kwargs = dict(
       num_heads=self.num_heads,
       mlp_dim=self.mlp_dim,
       qkv_bias=self.qkv_bias,
       causal=self.causal,
+      modalities=tuple(self.modalities),
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )
@@ -374,19 +402,23 @@ class Transformer(nn.Module):
       block_cls = _ScanBlock
       if self.remat:
         # prevent_cse=False is the recommended setting under scan (Flax docs).
-        block_cls = nn.remat(block_cls, prevent_cse=False)
+        block_cls = nn.remat(block_cls, prevent_cse=False, static_argnums=(2,))
       stack = nn.scan(
         block_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         length=self.depth,
+        # The modality is a static string, the same for every layer.
+        in_axes=(nn.broadcast,),
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, _ = stack(**kwargs, name="blocks")(x, None)
+      x, _ = stack(**kwargs, name="blocks")(x, modality)
     else:
-      block_cls = nn.remat(Block) if self.remat else Block
+      # The modality (a string) is static: argument 2 of Block.__call__ counting self.
+      block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
       for i in range(self.depth):
-        x = block_cls(**kwargs, name=f"block_{i}")(x)
+        x = block_cls(**kwargs, name=f"block_{i}")(x, modality)
     if self.final_norm:
-      x = LayerNorm(param_dtype=self.param_dtype, name="norm")(x)
+      name = _norm_name("norm", modality, tuple(self.modalities))
+      x = LayerNorm(param_dtype=self.param_dtype, name=name)(x)
     return x

@@ -338,15 +338,46 @@ def _activation_names(ndim: int, last: str | None) -> tuple[str | None, ...]:
 # ------------------------------------------------------------------------------
 
 
+GRADIENTS = ("straight_through", "rotation")
+
+
+def _rotate_onto(z: jax.Array, q: jax.Array) -> jax.Array:
+  """R z for unit rows z, q [N, D], with R = I - 2 r r^T + 2 q z^T (r = (z + q) / |z + q|) constant.
+
+  R is the rotation in the plane of z and q that takes z to q (Fifty et al.
+  2024, eq. 4, for unit vectors where their scale factor is 1): the value is
+  q up to rounding, and the gradient w.r.t. z is R^T times the incoming one.
+  For z = -q (measure zero) r is undefined; the eps keeps it finite.
+  """
+  zs = lax.stop_gradient(z)
+  r = l2_normalize(zs + q)
+  proj_r = jnp.sum(r * z, axis=-1, keepdims=True)
+  proj_z = jnp.sum(zs * z, axis=-1, keepdims=True)
+  rotated = z - 2.0 * r * proj_r + 2.0 * q * proj_z
+  # Exactly q in value (the rotation's rounding error is ~1e-7): the forward
+  # pass then matches straight-through bit for bit.
+  return q + (rotated - lax.stop_gradient(rotated))
+
+
 class VectorQuantizer(nn.Module):
   """l2-normalized VQ with straight-through gradients and a vocab-sharded codebook.
 
   Attributes:
     codebook_size: number of codebook entries K.
     code_dim: dimension of the code vectors (16 [LARP]).
+    init_std: std of the N(0, s^2) init of the raw codebook rows. The rows
+      are l2-normalised at use, so s only sets how far an optimizer step
+      turns them: with Adam a row of norm ~s*sqrt(code_dim) turns by about
+      lr / (s*sqrt(code_dim)) radians per step [ours].
     commit_weight: weight of the commitment loss (0.25 [LARP]).
     codebook_weight: weight of the codebook loss (1.0 [LARP]).
     temperature: T of the stochastic choice softmax(cos / T) (0.03 [LARP]).
+    gradient: how the decoder's gradient reaches z. 'straight_through'
+      (VQ-VAE, [LARP]): copied unchanged. 'rotation' (the rotation trick,
+      Fifty et al. 2024, "Restructuring Vector Quantization with the
+      Rotation Trick", section 4): q is written as R z with R the rotation
+      taking z to q (stop-gradient), so the gradient reaching z is R^T times
+      the decoder's, i.e. it keeps its angle to z instead of to q.
     dtype: dtype of the returned `quantized` and `z` (the search and the losses
       are float32).
     param_dtype: dtype of the codebook parameter.
@@ -354,16 +385,18 @@ class VectorQuantizer(nn.Module):
 
   codebook_size: int
   code_dim: int = 16
+  init_std: float = 1.0
   commit_weight: float = 0.25
   codebook_weight: float = 1.0
   temperature: float = 0.03
+  gradient: str = "straight_through"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     self.embedding = self.param(
       "codebook",
-      nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "code")),
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=self.init_std), ("vocab", "code")),
       (self.codebook_size, self.code_dim),
       self.param_dtype,
     )
@@ -450,9 +483,12 @@ class VectorQuantizer(nn.Module):
       if self.is_mutable_collection("codebook_stats"):
         self.counts.value = nn.with_logical_constraint(self.counts.value + hist, ("vocab",))
 
-    # Straight-through: the value is exactly q (z - sg(z) is exactly 0), the
-    # gradient w.r.t. z is the identity and none reaches the codebook.
-    q_st = lax.stop_gradient(q_flat) + (z_flat - lax.stop_gradient(z_flat))
+    if self.gradient == "rotation":
+      q_st = _rotate_onto(z_flat, lax.stop_gradient(q_flat))
+    else:
+      # Straight-through: the value is exactly q (z - sg(z) is exactly 0), the
+      # gradient w.r.t. z is the identity and none reaches the codebook.
+      q_st = lax.stop_gradient(q_flat) + (z_flat - lax.stop_gradient(z_flat))
     names = _activation_names(z.ndim, "code")
     return QuantizerOutput(
       quantized=nn.with_logical_constraint(q_st.reshape(z.shape).astype(self.dtype), names),

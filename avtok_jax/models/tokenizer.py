@@ -62,6 +62,32 @@ def _position_table(grid: tuple[int, ...], dim: int) -> np.ndarray:
   return table
 
 
+NORMS = ("inside", "outside")
+LOCALITY = ("none", "decoder", "both")
+
+
+@functools.lru_cache(maxsize=32)
+def _regions(num_patches: int, num_tokens: int) -> np.ndarray:
+  """int [num_patches]: floor(j * num_tokens / num_patches), the token of each patch's region."""
+  regions = (np.arange(num_patches) * num_tokens) // num_patches
+  regions.flags.writeable = False
+  return regions
+
+
+@functools.lru_cache(maxsize=32)
+def _pooling_matrix(num_patches: int, num_tokens: int) -> np.ndarray:
+  """float32 [num_tokens, num_patches]: row t averages the patches of token t's region.
+
+  A token whose region is empty (more tokens than patches) gets a zero row.
+  """
+  regions = _regions(num_patches, num_tokens)
+  pool = np.zeros((num_tokens, num_patches), np.float32)
+  pool[regions, np.arange(num_patches)] = 1.0
+  pool /= np.maximum(pool.sum(1, keepdims=True), 1.0)
+  pool.flags.writeable = False
+  return pool
+
+
 def to_float_patches(patches: jax.Array) -> jax.Array:
   """uint8 patches in [0, 255] -> float32 in [-1, 1]; float patches pass through as float32.
 
@@ -95,11 +121,40 @@ class AVTok(nn.Module):
     commit_weight: quantizer commitment weight.
     codebook_weight: quantizer codebook weight.
     quantizer_temperature: softmax(cos / T) temperature of stochastic code choice.
+    quantizer_gradient: 'straight_through' or 'rotation' (`VectorQuantizer.gradient`).
     prior_depth: AR prior blocks; 0 builds no prior.
     prior_width: AR prior width.
     prior_heads: AR prior heads.
     prior_mlp_ratio: AR prior MLP ratio.
     prior_temperature: AR prior logit temperature.
+    norms: where the per-modality LayerNorms sit [paper: "separate ...
+      normalization layers per modality"; where is ours]. 'inside': every
+      LayerNorm of the shared encoder and decoder blocks (and the encoder's
+      final one) is per modality, nothing normalises outside the residual
+      stream. 'outside': one LN^m over the encoder's input sequence and one
+      before the head, shared norms in the blocks (the first design; a
+      LayerNorm outside the residual blocks discards each patch's brightness
+      and contrast, which measurably slows learning, docs/results/learning.md).
+    head_norm: with norms='inside', a per-modality LayerNorm before the head.
+    locality: 'none' | 'decoder' | 'both' [ours]. Token t's region is the
+      run of patches j (row-major) with floor(j * n_tokens / n_patches) = t.
+      'decoder': each patch query adds the latent of its region's token;
+      'both': in addition each holistic query adds the mean embedding of its
+      region's patches. Attention still mixes everything; the paths give the
+      routing a local start (docs/results/learning.md).
+    query_pe: with norms='inside', the holistic queries carry position:
+      a 1D sin-cos table, and with locality='both' their pooled patch tokens
+      keep the grid table. False (only sensible with locality='both'): a
+      query holds its region's content alone, so the codes spend no capacity
+      on where a patch is (the decoder knows that from its own tables).
+    code_embedding: the decoder adds a learned [codebook_size, width] row
+      per code (zero-init, 'code_embed') to `quant_out` of the code vector
+      [ours].
+    code_scale: the unit code vectors are multiplied by this before
+      `quant_out` [ours], so that the content reaches the decoder at the
+      scale of the position tables instead of ~6x below it.
+    codebook_init_std: std of the codebook's N(0, s^2) init (rows are
+      l2-normalised at use, so s sets how far an Adam step turns them).
     remat: rematerialise transformer blocks in the backward pass.
     scan: roll transformer blocks into `nn.scan` (params stacked on 'layers').
     dtype: compute dtype of the matmuls (norms, residuals and outputs stay float32).
@@ -123,11 +178,19 @@ class AVTok(nn.Module):
   commit_weight: float = 0.25
   codebook_weight: float = 1.0
   quantizer_temperature: float = 0.03
+  quantizer_gradient: str = "straight_through"
   prior_depth: int = 0
   prior_width: int = 384
   prior_heads: int = 6
   prior_mlp_ratio: float = 4.0
   prior_temperature: float = 1.0
+  norms: str = "inside"
+  head_norm: bool = False
+  locality: str = "none"
+  code_scale: float = 1.0
+  query_pe: bool = True
+  code_embedding: bool = False
+  codebook_init_std: float = 1.0
   remat: bool = False
   scan: bool = False
   dtype: Dtype = jnp.float32
@@ -143,22 +206,39 @@ class AVTok(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )
-    # ONE encoder and ONE decoder, each called once per modality [paper].
+    if self.norms not in NORMS or self.locality not in LOCALITY:
+      raise ValueError(
+        f"norms={self.norms!r} must be one of {NORMS} and locality={self.locality!r} one of "
+        f"{LOCALITY}."
+      )
+    # ONE encoder and ONE decoder, each called once per modality [paper];
+    # with norms='inside' their LayerNorms are per modality.
+    inside = self.norms == "inside"
+    stack["modalities"] = MODALITIES if inside else ()
     self.encoder = layers.Transformer(self.encoder_depth, final_norm=True, **stack)
-    # No shared final norm in the decoder: LN^m (m_out_norm) is its final
-    # norm, one per modality [paper, figure (a)].
-    self.decoder = layers.Transformer(self.decoder_depth, final_norm=False, **stack)
+    # The decoder's final norm, when there is one, is per modality
+    # ('inside' + head_norm, or m_out_norm with norms='outside').
+    self.decoder = layers.Transformer(
+      self.decoder_depth, final_norm=inside and self.head_norm, **stack
+    )
     self.quant_in = self._dense(self.code_dim, ("embed", "code"))
     self.quantizer = VectorQuantizer(
       self.codebook_size,
       code_dim=self.code_dim,
+      init_std=self.codebook_init_std,
       commit_weight=self.commit_weight,
       codebook_weight=self.codebook_weight,
       temperature=self.quantizer_temperature,
+      gradient=self.quantizer_gradient,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )
     self.quant_out = self._dense(self.width, ("code", "embed"))
+    if self.code_embedding:
+      init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab", "embed"))
+      self.code_embed = self.param(
+        "code_embed", init, (self.codebook_size, self.width), self.param_dtype
+      )
     if self.prior_depth > 0:
       self.prior = ARPrior(
         depth=self.prior_depth,
@@ -178,19 +258,23 @@ class AVTok(nn.Module):
 
     # Per-modality parts [paper]: spelled out (not built in a loop) so that the
     # parameter names are visible here and greppable.
+    # (With norms='inside' the per-modality norms live in the shared stacks,
+    # named encoder/.../{m}_norm1 etc.)
     self.video_embed = self._dense(self.width, ("patch", "embed"))
-    self.video_in_norm = layers.LayerNorm(param_dtype=self.param_dtype)
     self.video_queries = self._queries("video_queries", self.num_video_tokens)
     self.video_patch_queries = self._queries("video_patch_queries", self.num_patches("video"))
-    self.video_out_norm = layers.LayerNorm(param_dtype=self.param_dtype)
     self.video_head = self._head(self.video_patch_dim)
 
     self.audio_embed = self._dense(self.width, ("patch", "embed"))
-    self.audio_in_norm = layers.LayerNorm(param_dtype=self.param_dtype)
     self.audio_queries = self._queries("audio_queries", self.num_audio_tokens)
     self.audio_patch_queries = self._queries("audio_patch_queries", self.num_patches("audio"))
-    self.audio_out_norm = layers.LayerNorm(param_dtype=self.param_dtype)
     self.audio_head = self._head(self.audio_patch_dim)
+
+    if not inside:
+      self.video_in_norm = layers.LayerNorm(param_dtype=self.param_dtype)
+      self.video_out_norm = layers.LayerNorm(param_dtype=self.param_dtype)
+      self.audio_in_norm = layers.LayerNorm(param_dtype=self.param_dtype)
+      self.audio_out_norm = layers.LayerNorm(param_dtype=self.param_dtype)
 
   # --- construction helpers ---------------------------------------------------
 
@@ -252,10 +336,14 @@ class AVTok(nn.Module):
   def _parts(self, modality: str) -> dict[str, Any]:
     if modality not in MODALITIES:
       raise ValueError(f"Unknown modality {modality!r}; expected one of {MODALITIES}.")
-    return {
-      name: getattr(self, f"{modality}_{name}")
-      for name in ("embed", "in_norm", "queries", "patch_queries", "out_norm", "head")
-    }
+    names = ("embed", "queries", "patch_queries", "head")
+    if self.norms == "outside":
+      names += ("in_norm", "out_norm")
+    return {name: getattr(self, f"{modality}_{name}") for name in names}
+
+  def region_of_patch(self, modality: str) -> np.ndarray:
+    """int [N_m]: the holistic token whose region holds each patch (see `locality`)."""
+    return _regions(self.num_patches(modality), self.num_tokens(modality))
 
   # --- one stream ---------------------------------------------------------------
 
@@ -272,21 +360,31 @@ class AVTok(nn.Module):
       )
     batch = patches.shape[0]
     x = to_float_patches(patches)
-    h = parts["embed"](x.astype(self.dtype)).astype(jnp.float32)
-    h = h + _position_table(self.grid(modality), self.width)
+    content = parts["embed"](x.astype(self.dtype)).astype(jnp.float32)
+    h = content + _position_table(self.grid(modality), self.width)
     queries = jnp.broadcast_to(
       parts["queries"].astype(jnp.float32)[None], (batch, n_tokens, self.width)
     )
-    # One LayerNorm over the whole sequence, queries included (TiTok's ln_pre):
-    # the N(0, 0.02) queries then enter the residual stream at unit scale, as
-    # the patches do. Left raw, they are ~50x smaller than the attention
-    # outputs that get added to them, every query leaves the encoder as nearly
-    # the same vector, and all tokens of a clip fall on one code (measured:
-    # mean cosine 0.97 between the code vectors of one clip at init, one code
-    # per clip after 300 steps of the small demo).
-    seq = parts["in_norm"](jnp.concatenate([h, queries], axis=1))
+    if self.locality == "both":
+      # Each holistic query starts from the mean of its region's patch tokens [ours].
+      pool = _pooling_matrix(self.num_patches(modality), n_tokens)
+      queries = queries + jnp.einsum("tn,bnd->btd", pool, h if self.query_pe else content)
+    if self.norms == "outside":
+      # One LayerNorm over the whole sequence, queries included (TiTok's
+      # ln_pre): the N(0, 0.02) queries enter at unit scale, as the patches
+      # do. Left raw (and without a position table), every query left the
+      # encoder as nearly the same vector (mean cosine 0.97 between a clip's
+      # code vectors at init, one code per clip after 300 steps).
+      seq = parts["in_norm"](jnp.concatenate([h, queries], axis=1))
+    else:
+      if self.query_pe:
+        # The queries get a 1D position table as the patches get theirs
+        # [TiTok adds one to its latent tokens], which sets them apart at
+        # unit scale without a LayerNorm outside the residual stream.
+        queries = queries + _position_table((n_tokens,), self.width)
+      seq = jnp.concatenate([h, queries], axis=1)
     seq = nn.with_logical_constraint(seq, ("batch", "length", "embed"))
-    out = self.encoder(seq)
+    out = self.encoder(seq, **self._stream(modality))
     patch_tokens = nn.with_logical_constraint(out[:, :n_patches], ("batch", "length", "embed"))
     z = self.quant_in(out[:, n_patches:].astype(self.dtype)).astype(jnp.float32)
     z = nn.with_logical_constraint(z, ("batch", "length", "code"))
@@ -298,27 +396,40 @@ class AVTok(nn.Module):
       "quantizer": q,
     }
 
-  def _decode_one(self, modality: str, quantized: jax.Array) -> jax.Array:
+  def _decode_one(self, modality: str, quantized: jax.Array, codes: jax.Array) -> jax.Array:
     parts = self._parts(modality)
     batch, n_tokens = quantized.shape[:2]
     if n_tokens != self.num_tokens(modality):
       raise ValueError(
         f"{modality}: expected {self.num_tokens(modality)} tokens per clip, got {n_tokens}."
       )
-    latents = self.quant_out(quantized.astype(self.dtype)).astype(jnp.float32)
-    latents = latents + _position_table((n_tokens,), self.width)
+    content = self.quant_out((quantized * self.code_scale).astype(self.dtype)).astype(jnp.float32)
+    if self.code_embedding:
+      # Each code's own learned vector (zero at init) [ours]: a lookup table
+      # next to the smooth map of the code vector, so that the decoder can
+      # give any code its own output without the codes having to be laid
+      # out smoothly first (docs/results/learning.md).
+      content = content + jnp.take(self.code_embed, codes, axis=0).astype(jnp.float32)
+    latents = content + _position_table((n_tokens,), self.width)
     patch_queries = parts["patch_queries"].astype(jnp.float32) + _position_table(
       self.grid(modality), self.width
     )
     n_patches = patch_queries.shape[0]
-    seq = jnp.concatenate(
-      [latents, jnp.broadcast_to(patch_queries[None], (batch, n_patches, self.width))], axis=1
-    )
+    patch_queries = jnp.broadcast_to(patch_queries[None], (batch, n_patches, self.width))
+    if self.locality in ("decoder", "both"):
+      # Each patch query adds its region's latent [ours].
+      patch_queries = patch_queries + jnp.take(content, self.region_of_patch(modality), axis=1)
+    seq = jnp.concatenate([latents, patch_queries], axis=1)
     seq = nn.with_logical_constraint(seq, ("batch", "length", "embed"))
-    out = self.decoder(seq)[:, n_tokens:]
-    out = parts["out_norm"](out)
+    out = self.decoder(seq, **self._stream(modality))[:, n_tokens:]
+    if self.norms == "outside":
+      out = parts["out_norm"](out)
     recon = parts["head"](out.astype(self.dtype)).astype(jnp.float32)
     return nn.with_logical_constraint(recon, ("batch", "length", "patch"))
+
+  def _stream(self, modality: str) -> dict[str, str]:
+    """The shared stacks' `modality=` argument (per-modality norms only with norms='inside')."""
+    return {"modality": modality} if self.norms == "inside" else {}
 
   @staticmethod
   def _present(
@@ -367,7 +478,9 @@ class AVTok(nn.Module):
     if unknown:
       raise ValueError(f"decode: unknown modalities {sorted(unknown)}; expected {MODALITIES}.")
     return {
-      m: self._decode_one(m, self.quantizer.lookup(codes[m])) for m in MODALITIES if m in codes
+      m: self._decode_one(m, self.quantizer.lookup(codes[m]), jnp.asarray(codes[m], jnp.int32))
+      for m in MODALITIES
+      if m in codes
     }
 
   def __call__(
@@ -404,7 +517,7 @@ class AVTok(nn.Module):
       stream = self._encode_one(m, x, train, stochastic)
       # Decode the straight-through codes so the reconstruction loss reaches
       # the encoder through the quantizer [LARP].
-      stream["recon"] = self._decode_one(m, stream["quantized"])
+      stream["recon"] = self._decode_one(m, stream["quantized"], stream["codes"])
       out[m] = stream
     if self.prior is not None and run_prior:
       # Cross-modal prior over [video ; audio] (just the present part in stage 1)
