@@ -255,27 +255,34 @@ def model_config(size: str = "L") -> ml_collections.ConfigDict:
     # blocks ran 0.83 step/s in stage 1 and was no better per step over the
     # first 300 steps than this one (2.5 step/s), so the demo gets 3x the steps.
     c.width, c.encoder_depth, c.decoder_depth, c.num_heads = 128, 2, 2, 4
-    c.num_video_tokens, c.num_audio_tokens = 64, 16  # [ours] for 128 + 240 patches
-    c.codebook_size = 1024  # [ours]
+    # The paper's ratios [paper, inferred split]: one video token per video
+    # patch (1024 for 1024) and 128 audio tokens for 480 mel patches, i.e.
+    # 128 for 128 and 64 for 240 here; and the paper's codebook, so a token
+    # carries the paper's 13 bits per 4x8x8 patch. 64 tokens / 1024 codes
+    # learned ~1.5 dB less in the same steps (docs/results/learning.md).
+    c.num_video_tokens, c.num_audio_tokens = 128, 64
+    c.codebook_size = 8192
     c.prior_depth, c.prior_width, c.prior_heads = 2, 128, 4  # [ours]
     c.align_hidden_dim, c.align_out_dim = 256, 128  # [ours]
   else:  # tiny
     c.width, c.encoder_depth, c.decoder_depth, c.num_heads = 48, 1, 1, 2  # [ours]
-    c.num_video_tokens, c.num_audio_tokens = 8, 4  # [ours] for 32 + 32 patches
+    c.num_video_tokens, c.num_audio_tokens = 32, 8  # the paper's ratios for 32 + 32 patches
     c.codebook_size = 64  # [ours] divisible by 8 devices
     c.prior_depth, c.prior_width, c.prior_heads = 1, 32, 2  # [ours]
     c.align_hidden_dim, c.align_out_dim = 64, 32  # [ours]
   c.mlp_ratio = 4.0  # [LARP]
   c.qkv_bias = False  # [LARP]
-  # Where the per-modality LayerNorms sit, and the locality paths
-  # (models/tokenizer.py; measured in docs/results/learning.md) [ours].
+  # The design that learns, chosen by measurement (docs/results/learning.md,
+  # `bench/learning.py`; models/tokenizer.py explains each knob) [ours]:
+  # per-modality LayerNorms inside the shared blocks and none outside the
+  # residual stream; locality paths in the encoder and the decoder; unit
+  # code vectors scaled to unit-RMS entries (4 = sqrt(code_dim)) before
+  # quant_out; codebook rows of norm ~1 at init (0.25 = 1 / sqrt(code_dim)).
   c.norms = "inside"
   c.head_norm = False
   c.locality = "both"
-  c.query_pe = True
-  c.code_embedding = False
-  c.code_scale = 4.0  # [ours] sqrt(code_dim): unit codes -> unit-variance entries
-  c.codebook_init_std = 1.0
+  c.code_scale = 4.0
+  c.codebook_init_std = 0.25
   # Quantizer [LARP]: l2-normalised factorised codes; loss 0.25*commit + 1.0*codebook
   # (the 0.1 L_vq weight lives with the loss weights); stochastic code choice in
   # training samples softmax(cos / temperature).
@@ -283,10 +290,14 @@ def model_config(size: str = "L") -> ml_collections.ConfigDict:
   c.commit_weight = 0.25  # [LARP]
   c.codebook_weight = 1.0  # [LARP]
   c.quantizer_temperature = 0.03  # [LARP]
-  # How the decoder's gradient reaches the encoder through the codes
-  # ('straight_through' [LARP] | 'rotation'; models/quantizer.py).
-  c.quantizer_gradient = "straight_through"
-  c.stochastic_quantization = True  # [LARP] in training; argmax at eval
+  # How the decoder's gradient reaches the encoder through the codes:
+  # 'rotation' (the rotation trick) [ours, measured], 'straight_through' [LARP].
+  c.quantizer_gradient = "rotation"
+  # Stochastic code choice in training [LARP] (argmax at eval). The CPU sizes
+  # take argmax: sampling cost 0.5 dB of held-out PSNR there in 800 steps
+  # (docs/results/learning.md); B/L keep LARP's recipe, whose benefit is for
+  # the AR generator and cannot be measured on this data.
+  c.stochastic_quantization = size in ("B", "L")
   # AR prior [LARP]: depth 0 disables it. Logits = prediction . codebook^T / T.
   c.prior_mlp_ratio = 4.0  # [LARP]
   c.prior_temperature = 1.0  # [LARP] (`latent_ce_temperature`); see models/prior.py
@@ -402,9 +413,10 @@ _PERIODS = {
 # Dead-code restarts [ours; the Jukebox/SoundStream remedy]: off for B/L, which
 # follow LARP; on for the CPU sizes, where the codebook otherwise collapses
 # (small demo, 1200 steps: 53 distinct codes on 64 held-out clips without,
-# 409 with restarts every 50 steps; bench/recipe_sweep/). tiny restarts
-# every 2 steps so that the 4-step tests cover it.
-_RESTART_EVERY = {"tiny": 2, "small": 50, "B": 0, "L": 0}
+# 409 with restarts every 50 steps; bench/recipe_sweep/); every 10 steps
+# gave +0.26 dB over every 50 in 800 steps (docs/results/learning.md). tiny
+# restarts every 2 steps so that the 4-step tests cover it.
+_RESTART_EVERY = {"tiny": 2, "small": 10, "B": 0, "L": 0}
 # Discriminator widths per size [ours]: tiny only has to run.
 _GAN_CHANNELS = {"tiny": (8, 16), "small": (16, 32, 64), "B": (64, 128, 256), "L": (64, 128, 256)}
 

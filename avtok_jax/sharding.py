@@ -40,6 +40,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("patch", None),
   ("conv_in", None),
   ("layers", None),
+  ("slot", None),
 )
 
 

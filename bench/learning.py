@@ -37,21 +37,6 @@ from typing import Any
 
 from absl import app, flags
 
-_VARIANTS = flags.DEFINE_list("variants", [], "Variants to train (names in VARIANTS).")
-_SET = flags.DEFINE_multi_string("set", [], "Extra overrides KEY=PYTHON_VALUE for every variant.")
-_NAME = flags.DEFINE_string("name", "", "Suffix for the variant names in the output (with --set).")
-_STEPS = flags.DEFINE_integer("steps", 1200, "Training steps (the schedule's total_steps).")
-_STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", 0, "Then VFAL stage 2 (audio) for N steps.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 300, "Evaluate every N steps.")
-_TRAIN_CLIPS = flags.DEFINE_integer("train_clips", 2048, "Training clips (generator seed 0).")
-_EVAL_CLIPS = flags.DEFINE_integer("eval_clips", 64, "Held-out clips scored.")
-_SEED = flags.DEFINE_integer("seed", 0, "Init and batch-order seed.")
-_BASELINES = flags.DEFINE_bool("baselines", False, "Measure the baselines.")
-_OUT = flags.DEFINE_string("out", "docs/results/learning.jsonl", "JSON lines appended here.")
-_CACHE = flags.DEFINE_string("cache", "/tmp/avtok_learning_cache", "Where the clip arrays are cached.")
-_KMEANS = flags.DEFINE_list("kmeans", ["1024"], "Codebook sizes of the per-patch k-means baselines.")
-_TABLE = flags.DEFINE_bool("table", False, "Print the markdown table of --out and exit.")
-
 # Variant name -> (what it tests, overrides of the stage-1 `small` config).
 # Values are Python expressions. Later sections of docs/results/learning.md
 # explain the rows; `chosen` is what configs/ now use.
@@ -68,8 +53,6 @@ _OLD = dict(
   model__norms="outside",
   model__head_norm=False,
   model__locality="none",
-  model__query_pe=True,
-  model__code_embedding=False,
   model__num_video_tokens=64,
   model__num_audio_tokens=16,
   model__code_scale=1.0,
@@ -94,7 +77,11 @@ _E = dict(_D, model__code_scale=4.0)
 variant("E_code_scale", "D + unit codes x4 into quant_out", **_E)
 variant("E_head_norm", "E + a per-modality LN before the head", **dict(_E, model__head_norm=True))
 variant("E_outside_norms", "E with the norms outside again", **dict(_E, model__norms="outside"))
-variant("E_continuous", "E without quantization (the l2-normalised z reach the decoder)", **dict(_E, bench__continuous=True))
+variant(
+  "E_continuous",
+  "E without quantization (the l2-normalised z reach the decoder)",
+  **dict(_E, bench__continuous=True),
+)
 variant("E_continuous_old", "old design without quantization", **dict(_OLD, bench__continuous=True))
 _Q1 = dict(_E, model__stochastic_quantization=False)
 variant("Q1_argmax", "E with argmax codes in training (no stochastic choice)", **_Q1)
@@ -102,23 +89,45 @@ _Q2 = dict(_Q1, model__codebook_init_std=0.25)
 variant("Q2_unit_init", "Q1 + codebook rows of norm ~1 at init", **_Q2)
 _Q3 = dict(_Q2, param_rules=(("^audio_", "frozen"), ("^prior/", 50.0), ("^quantizer/", 10.0)))
 variant("Q3_codebook_lr10", "Q2 + codebook lr x10", **_Q3)
-variant("Q4_8192_codes", "Q3 with 8192 codes (the paper's codebook size)", **dict(_Q3, model__codebook_size=8192))
-variant("Q5_restart10", "Q3 with dead codes restarted every 10 steps", **dict(_Q3, restart_dead_codes_every=10))
+variant(
+  "Q4_8192_codes",
+  "Q3 with 8192 codes (the paper's codebook size)",
+  **dict(_Q3, model__codebook_size=8192),
+)
+variant(
+  "Q5_restart10",
+  "Q3 with dead codes restarted every 10 steps",
+  **dict(_Q3, restart_dead_codes_every=10),
+)
 _Q5 = dict(_Q3, restart_dead_codes_every=10)
-variant("R1_rotation", "Q5 + the rotation trick instead of straight-through", **dict(_Q5, model__quantizer_gradient="rotation"))
-variant("R2_vq_x10", "Q5 with the VQ loss weight 1.0 instead of 0.1", **dict(_Q5, loss_weights__vq=1.0))
+variant(
+  "R1_rotation",
+  "Q5 + the rotation trick instead of straight-through",
+  **dict(_Q5, model__quantizer_gradient="rotation"),
+)
+variant(
+  "R2_vq_x10", "Q5 with the VQ loss weight 1.0 instead of 0.1", **dict(_Q5, loss_weights__vq=1.0)
+)
 variant("R3_code_dim32", "Q5 with 32-d codes", **dict(_Q5, model__code_dim=32))
 variant("R4_code_dim8", "Q5 with 8-d codes", **dict(_Q5, model__code_dim=8))
 _S = dict(_Q5, model__quantizer_gradient="rotation", model__codebook_size=8192)
 variant("S1_combo", "Q5 + rotation + 8192 codes", **_S)
 variant("S2_combo_lr2e-3", "S1 at lr 2e-3", **dict(_S, optim__lr=2e-3))
 variant("S3_combo_lr5e-4", "S1 at lr 5e-4", **dict(_S, optim__lr=5e-4))
-_T = dict(_S, model__query_pe=False)
-variant("T1_content_queries", "S1 with content-only holistic queries (no position in z)", **_T)
-variant("T1_content_queries_1024", "T1 with 1024 codes", **dict(_T, model__codebook_size=1024))
-variant("V1_code_embedding", "S1 + a learned decoder vector per code", **dict(_S, model__code_embedding=True))
-variant("V2_code_embedding_1024", "V1 with 1024 codes", **dict(_S, model__code_embedding=True, model__codebook_size=1024))
-variant("Q6_adam_09", "Q3 with Adam(0.9, 0.99) instead of LARP's (0.5, 0.9)", **dict(_Q3, optim__b1=0.9, optim__b2=0.99))
+VARIANTS["chosen"] = ("the configs' design (every knob at its config default)", {})
+variant(
+  "chosen_full_losses",
+  "chosen with the whole stage-1 loss: + AR prior + alignment",
+  loss_weights=None,
+)
+VARIANTS["chosen_full_losses"][1]["loss_weights"] = (
+  'config_lib.loss_weights("video_l1", "video_l2", "vq", "prior", "alignment")'
+)
+variant(
+  "Q6_adam_09",
+  "Q3 with Adam(0.9, 0.99) instead of LARP's (0.5, 0.9)",
+  **dict(_Q3, optim__b1=0.9, optim__b2=0.99),
+)
 
 # ----------------------------------------------------------------------------- data
 
@@ -132,13 +141,19 @@ def _data_config(preset: str):
   return c
 
 
-def load_clips(split: str, num: int, preset: str = "small") -> dict[str, Any]:
+DEFAULT_CACHE = "/tmp/avtok_learning_cache"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_clips(
+  split: str, num: int, preset: str = "small", cache: str = DEFAULT_CACHE
+) -> dict[str, Any]:
   """{video_patches uint8, mel_patches float32, label int32} of the first `num` clips of a split."""
   import numpy as np
 
   from avtok_jax.data import pipeline
 
-  path = pathlib.Path(_CACHE.value) / f"{preset}_{split}_{num}.npz"
+  path = pathlib.Path(cache) / f"{preset}_{split}_{num}.npz"
   if path.exists():
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
@@ -167,6 +182,15 @@ def psnr_per_clip(x, y):
   return 10 * np.log10(4 / np.maximum(np.mean(err**2, 1), 1e-10))
 
 
+def clip_mean_level(video_patches) -> float:
+  """Held-out PSNR of predicting each clip's mean colour (patches [N, P, pt*ph*pw*3] in [-1, 1])."""
+  import numpy as np
+
+  n, p, d = video_patches.shape
+  px = np.asarray(video_patches, np.float64).reshape(n, p, d // 3, 3)
+  return float(psnr_per_clip(px, np.broadcast_to(px.mean((1, 2), keepdims=True), px.shape)).mean())
+
+
 def patch_mean_level(video_patches) -> float:
   """Held-out PSNR of predicting each patch's mean colour (patches [N, P, pt*ph*pw*3] in [-1, 1])."""
   import numpy as np
@@ -180,7 +204,7 @@ def patch_mean_level(video_patches) -> float:
 # ----------------------------------------------------------------------------- baselines
 
 
-def baselines(train, test, out) -> None:
+def baselines(train, test, out, kmeans=(1024,)) -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -200,11 +224,15 @@ def baselines(train, test, out) -> None:
   def add(name, pred, **extra):
     video = patches_lib.unpatchify_video(np.asarray(pred, np.float32), shape, tuple(c.video_patch))
     acc = float(np.mean(np.argmax(cls.video(np.clip(video, -1, 1))[1], -1) == test["label"]))
-    rows.append(dict(baseline=name, psnr=float(psnr_per_clip(xte, pred).mean()), video_acc=acc, **extra))
+    rows.append(
+      dict(baseline=name, psnr=float(psnr_per_clip(xte, pred).mean()), video_acc=acc, **extra)
+    )
     print(f"{name}: {rows[-1]['psnr']:.2f} dB, classifier accuracy {acc:.2f}")
 
   px = xte.reshape(n, p, d // 3, 3)
-  add("clip mean colour", np.broadcast_to(px.mean((1, 2), keepdims=True), px.shape).reshape(xte.shape))
+  add(
+    "clip mean colour", np.broadcast_to(px.mean((1, 2), keepdims=True), px.shape).reshape(xte.shape)
+  )
   add("patch mean colour", np.broadcast_to(px.mean(2, keepdims=True), px.shape).reshape(xte.shape))
 
   # Whole-clip PCA (fit on the training clips).
@@ -222,7 +250,10 @@ def baselines(train, test, out) -> None:
   _, _, vt = np.linalg.svd(ptr[:: max(1, len(ptr) // 60000)] - pmean, full_matrices=False)
   for k in (8, 16):
     v = vt[:k]
-    add(f"per-patch PCA, {k} components ({k * p} floats per clip)", ((pte - pmean) @ v.T @ v + pmean).reshape(xte.shape))
+    add(
+      f"per-patch PCA, {k} components ({k * p} floats per clip)",
+      ((pte - pmean) @ v.T @ v + pmean).reshape(xte.shape),
+    )
 
   # Linear per-patch autoencoder 768 -> 8 -> 768, Adam 1e-3, batch 8 clips, 600 steps.
   key = jax.random.key(0)
@@ -248,38 +279,63 @@ def baselines(train, test, out) -> None:
   for _ in range(600):
     idx = rng.integers(0, len(xtr), 8)
     params, opt = step(params, opt, jnp.asarray(xtr[idx].reshape(-1, d)))
-  add("linear per-patch AE 768->8->768, Adam, 600 steps", np.asarray(recon(params, jnp.asarray(pte))).reshape(xte.shape))
+  add(
+    "linear per-patch AE 768->8->768, Adam, 600 steps",
+    np.asarray(recon(params, jnp.asarray(pte))).reshape(xte.shape),
+  )
 
-  # Per-patch k-means (Lloyd from random patches, 20 iterations) on a sample of training patches.
-  for k in map(int, _KMEANS.value):
+  # Per-patch k-means on a sample of training patches.
+  for k in kmeans:
     sample = ptr[rng.choice(len(ptr), min(len(ptr), 50_000), replace=False)]
-    cent = jnp.asarray(sample[rng.choice(len(sample), k, replace=False)])
-    xs = jnp.asarray(sample)
-
-    @jax.jit
-    def lloyd(c):
-      dist = jnp.sum(xs**2, 1, keepdims=True) - 2 * xs @ c.T + jnp.sum(c**2, 1)
-      a = jnp.argmin(dist, 1)
-      sums = jax.ops.segment_sum(xs, a, k)
-      cnt = jax.ops.segment_sum(jnp.ones(len(xs)), a, k)
-      return jnp.where(cnt[:, None] > 0, sums / jnp.maximum(cnt, 1)[:, None], c)
-
-    for _ in range(20):
-      cent = lloyd(cent)
-    dist = jnp.sum(jnp.asarray(pte) ** 2, 1, keepdims=True) - 2 * jnp.asarray(pte) @ cent.T + jnp.sum(cent**2, 1)
-    pred = np.asarray(cent)[np.asarray(jnp.argmin(dist, 1))]
-    add(f"per-patch k-means, {k} codes (one token per patch)", pred.reshape(xte.shape))
+    centres = kmeans_fit(sample, k, rng)
+    add(
+      f"per-patch k-means, {k} codes (one token per patch)",
+      kmeans_apply(centres, pte).reshape(xte.shape),
+    )
 
   with open(out, "a") as f:
     for r in rows:
-      f.write(json.dumps(dict(r, train_clips=len(xtr), eval_clips=n, date=time.strftime("%Y-%m-%d"))) + "\n")
+      f.write(
+        json.dumps(dict(r, train_clips=len(xtr), eval_clips=n, date=time.strftime("%Y-%m-%d")))
+        + "\n"
+      )
+
+
+def kmeans_fit(x, k: int, rng, iterations: int = 20):
+  """Lloyd's k-means of rows x [N, D] from k random rows (squared Euclidean distance)."""
+  import jax
+  import jax.numpy as jnp
+
+  xs = jnp.asarray(x)
+
+  @jax.jit
+  def lloyd(c):
+    a = jnp.argmin(jnp.sum(xs**2, 1, keepdims=True) - 2 * xs @ c.T + jnp.sum(c**2, 1), 1)
+    sums = jax.ops.segment_sum(xs, a, k)
+    count = jax.ops.segment_sum(jnp.ones(len(xs)), a, k)
+    return jnp.where(count[:, None] > 0, sums / jnp.maximum(count, 1)[:, None], c)
+
+  centres = xs[rng.choice(len(x), k, replace=False)]
+  for _ in range(iterations):
+    centres = lloyd(centres)
+  return centres
+
+
+def kmeans_apply(centres, x):
+  """Each row of x replaced by its nearest centre."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  xs = jnp.asarray(x)
+  a = jnp.argmin(jnp.sum(xs**2, 1, keepdims=True) - 2 * xs @ centres.T + jnp.sum(centres**2, 1), 1)
+  return np.asarray(centres)[np.asarray(a)]
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def make_config(overrides: dict[str, str], steps: int, stage: str = "stage1"):
-  """The `small` config of `stage` ('stage1' | 'stage2' | 'stage3') with the bench's edits.
+def make_config(overrides: dict[str, str], steps: int, stage: str = "stage1", size: str = "small"):
+  """The `size` config of `stage` ('stage1' | 'stage2' | 'stage3') with the bench's edits.
 
   Stage 1 keeps only the reconstruction and VQ terms unless a variant sets
   `loss_weights`; stages 2 and 3 keep their own terms. Overrides named
@@ -288,14 +344,14 @@ def make_config(overrides: dict[str, str], steps: int, stage: str = "stage1"):
   """
   from avtok_jax import config_lib
 
-  config = config_lib.load_config_file(f"configs/vfal_{stage}.py:small")
+  config = config_lib.load_config_file(str(ROOT / "configs" / f"vfal_{stage}.py:{size}"))
   config.total_steps = steps
+  config.gan.enabled = False  # the GAN is measured by the quickstart, not here
   if stage == "stage1":
     config.loss_weights = config_lib.loss_weights("video_l1", "video_l2", "vq")
   else:
     config.init_from = "(bench: in memory)"
-    config.gan.enabled = False
-  config.data = _data_config("small")
+  config.data = _data_config(config.data.preset)
   config.data.batch_size = 8
   config.eval_batches = 0
   for key, value in overrides.items():
@@ -315,18 +371,78 @@ def make_config(overrides: dict[str, str], steps: int, stage: str = "stage1"):
   return config
 
 
-def train_variant(name: str, overrides: dict[str, str], train, test, out) -> None:
-  """Stage 1 for --steps, then (with --stage2_steps) VFAL stage 2 from its parameters."""
+def train_variant(
+  name: str,
+  overrides: dict[str, str],
+  train,
+  test,
+  out,
+  *,
+  steps,
+  eval_every,
+  seed,
+  stage2_steps=0,
+  stage3_steps=0,
+  cache=DEFAULT_CACHE,
+) -> None:
+  """Stage 1 for `steps`, then VFAL stages 2 and 3 (when given steps), each from the last's params.
+
+  Each stage's final parameters are kept in `cache` under the variant's name,
+  overrides and steps, so that a later call with more stages starts from them.
+  """
+  import hashlib
+
+  import flax.serialization
+
   if eval(overrides.get("bench.continuous", "False")):  # noqa: S307
     _continuous_quantizer()
-  params = _train_phase(name, make_config(overrides, _STEPS.value), train, test, out, None)
-  if _STAGE2_STEPS.value:
-    config = make_config(overrides, _STAGE2_STEPS.value, "stage2")
-    _train_phase(name + "/stage2", config, train, test, out, params, overrides)
+  kw = dict(eval_every=eval_every, seed=seed, out=out, overrides=overrides)
+  params = None
+  key = ""
+  for stage, n in (("stage1", steps), ("stage2", stage2_steps), ("stage3", stage3_steps)):
+    if not n:
+      break
+    key += f"{stage}:{n};"
+    # Only the overrides that reach this stage or an earlier one name its parameters.
+    later = {"stage1": ("stage2.", "stage3."), "stage2": ("stage3.",), "stage3": ()}[stage]
+    seen = {k: v for k, v in overrides.items() if not k.startswith(later)}
+    digest = hashlib.sha256((key + json.dumps(seen, sort_keys=True) + str(seed)).encode())
+    path = pathlib.Path(cache) / f"params_{digest.hexdigest()[:16]}.msgpack"
+    config = make_config(overrides, n, stage)
+    if path.exists():
+      params = flax.serialization.msgpack_restore(path.read_bytes())
+      print(f"{name}/{stage}: parameters from {path}")
+      continue
+    label = name if stage == "stage1" else f"{name}/{stage}"
+    _, params = learning_curve(config, train, test, name=label, init_params=params, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(flax.serialization.msgpack_serialize(jax_to_numpy(params)))
 
 
-def _train_phase(name, config, train, test, out, init_params, overrides=None) -> Any:
-  """Trains one phase on the in-memory clips, evaluating as it goes; returns the final params."""
+def _overlay(fresh, previous):
+  """`fresh` with every leaf that `previous` also has replaced by previous's value."""
+  if not isinstance(fresh, dict):
+    return previous
+  return {k: _overlay(v, previous[k]) if k in previous else v for k, v in fresh.items()}
+
+
+def jax_to_numpy(tree):
+  import jax
+  import numpy as np
+
+  return jax.tree.map(np.asarray, tree)
+
+
+def learning_curve(
+  config, train, test, *, eval_every, seed=0, name="", init_params=None, out=None, overrides=None
+) -> tuple[list[dict[str, Any]], Any]:
+  """Trains `config` on in-memory clips with the real train step, scoring held-out clips.
+
+  `train` / `test`: `load_clips` dicts. Batches are drawn uniformly (seeded)
+  from `train`; every `eval_every` steps and at the end the clips of `test`
+  are reconstructed (eval mode) and scored. Returns (rows, final params);
+  each row is also printed and, with `out`, appended there as JSON.
+  """
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -346,14 +462,18 @@ def _train_phase(name, config, train, test, out, init_params, overrides=None) ->
     trainable = optimizer.trainable_mask(abstract, config.param_rules)
     tx = optimizer.make_optimizer(config.optim, abstract, config.param_rules, config.total_steps)
     init_state = trainer.make_init_state(config, models, tx, None, trainable)
-    rng_data = jax.random.key_data(jax.random.key(_SEED.value))
+    rng_data = jax.random.key_data(jax.random.key(seed))
     state = jax.jit(lambda r: nn.unbox(init_state(r)))(rng_data)
     if init_params is not None:
-      state["params"] = init_params
-    step_fn = jax.jit(trainer.make_train_step(config, models, tx, None, trainable), donate_argnums=(0,))
+      # The previous stage's values where the trees overlap (as `init_from` does).
+      state["params"] = _overlay(state["params"], init_params)
+    step_fn = jax.jit(
+      trainer.make_train_step(config, models, tx, None, trainable), donate_argnums=(0,)
+    )
     eval_fn = jax.jit(trainer.make_eval_fn(config, models))
-    cls = classifier_lib.load_classifier("small")
+    cls = classifier_lib.load_classifier(config.data.preset)
     keys = {"video": "video_patches", "audio": "mel_patches"}
+    rows = []
     last: dict[str, float] = {}
 
     def evaluate(step: int, seconds: float) -> dict[str, Any]:
@@ -372,15 +492,19 @@ def _train_phase(name, config, train, test, out, init_params, overrides=None) ->
           acc_a.append(np.argmax(cls.audio(np.clip(y, -4, 4))[1], -1) == labels)
       row = dict(variant=name, step=step, seconds=round(seconds, 1))
       if psnr:
-        row.update(psnr=float(np.concatenate(psnr).mean()), video_acc=float(np.concatenate(acc_v).mean()))
+        row.update(
+          psnr=float(np.concatenate(psnr).mean()), video_acc=float(np.concatenate(acc_v).mean())
+        )
       if mel_l1:
-        row.update(mel_l1=float(np.concatenate(mel_l1).mean()), audio_acc=float(np.concatenate(acc_a).mean()))
+        row.update(
+          mel_l1=float(np.concatenate(mel_l1).mean()), audio_acc=float(np.concatenate(acc_a).mean())
+        )
       for k in ("codebook_usage", "video_perplexity", "audio_perplexity", "video_psnr", "vq"):
         if k in last:
           row[k] = last[k]
       return row
 
-    rng = np.random.default_rng(_SEED.value)
+    rng = np.random.default_rng(seed)
     start = time.perf_counter()
     compile_s = None
     for step in range(1, config.total_steps + 1):
@@ -392,17 +516,25 @@ def _train_phase(name, config, train, test, out, init_params, overrides=None) ->
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
-      if step % _EVAL_EVERY.value == 0 or step == config.total_steps:
+      if step % eval_every == 0 or step == config.total_steps:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(last["loss"]):
           raise FloatingPointError(f"{name}: non-finite loss at step {step}")
         row = evaluate(step, time.perf_counter() - start)
-        row.update(overrides=overrides, compile_s=round(compile_s, 1), train_clips=len(train["label"]))
-        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "overrides"}
+        row.update(
+          overrides=overrides, compile_s=round(compile_s, 1), train_clips=len(train["label"])
+        )
+        shown = {
+          k: (round(v, 3) if isinstance(v, float) else v)
+          for k, v in row.items()
+          if k != "overrides"
+        }
         print(json.dumps(shown), flush=True)
-        with open(out, "a") as f:
-          f.write(json.dumps(dict(row, date=time.strftime("%Y-%m-%d"))) + "\n")
-  return state["params"]
+        rows.append(row)
+        if out:
+          with open(out, "a") as f:
+            f.write(json.dumps(dict(row, date=time.strftime("%Y-%m-%d"))) + "\n")
+  return rows, state["params"]
 
 
 def _continuous_quantizer() -> None:
@@ -439,7 +571,9 @@ def table(path: str) -> str:
   for name, rs in runs.items():
     cells = []
     for r in rs:
-      cell = f"{r['step']}: {r.get('psnr', float('nan')):.2f} / {r.get('video_acc', float('nan')):.2f}"
+      cell = (
+        f"{r['step']}: {r.get('psnr', float('nan')):.2f} / {r.get('video_acc', float('nan')):.2f}"
+      )
       if "mel_l1" in r:
         cell += f" / {r['mel_l1']:.3f} / {r['audio_acc']:.2f}"
       cells.append(cell)
@@ -447,24 +581,66 @@ def table(path: str) -> str:
   return "\n".join(lines)
 
 
+def _define_flags():
+  """The CLI's flags: defined only when run, so that importing this module (tests) defines none."""
+  global _VARIANTS, _SET, _NAME, _STEPS, _STAGE2_STEPS, _EVAL_EVERY, _TRAIN_CLIPS, _EVAL_CLIPS
+  global _SEED, _BASELINES, _OUT, _CACHE, _KMEANS, _TABLE, _STAGE3_STEPS
+  _VARIANTS = flags.DEFINE_list("variants", [], "Variants to train (names in VARIANTS).")
+  _SET = flags.DEFINE_multi_string("set", [], "Extra overrides KEY=PYTHON_VALUE for every variant.")
+  _NAME = flags.DEFINE_string(
+    "name", "", "Suffix for the variant names in the output (with --set)."
+  )
+  _STEPS = flags.DEFINE_integer("steps", 1200, "Training steps (the schedule's total_steps).")
+  _STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", 0, "Then VFAL stage 2 (audio) for N steps.")
+  _STAGE3_STEPS = flags.DEFINE_integer(
+    "stage3_steps", 0, "Then VFAL stage 3 (decoders) for N steps."
+  )
+  _EVAL_EVERY = flags.DEFINE_integer("eval_every", 300, "Evaluate every N steps.")
+  _TRAIN_CLIPS = flags.DEFINE_integer("train_clips", 2048, "Training clips (generator seed 0).")
+  _EVAL_CLIPS = flags.DEFINE_integer("eval_clips", 64, "Held-out clips scored.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Init and batch-order seed.")
+  _BASELINES = flags.DEFINE_bool("baselines", False, "Measure the baselines.")
+  _OUT = flags.DEFINE_string("out", "docs/results/learning.jsonl", "JSON lines appended here.")
+  _CACHE = flags.DEFINE_string("cache", DEFAULT_CACHE, "Where the clip arrays are cached.")
+  _KMEANS = flags.DEFINE_list(
+    "kmeans", ["1024"], "Codebook sizes of the per-patch k-means baselines."
+  )
+  _TABLE = flags.DEFINE_bool("table", False, "Print the markdown table of --out and exit.")
+
+
 def main(argv):
   del argv
-  os.chdir(pathlib.Path(__file__).resolve().parent.parent)
+  os.chdir(ROOT)
   if _TABLE.value:
     print(table(_OUT.value))
     return
-  train = load_clips("train", _TRAIN_CLIPS.value)
-  test = load_clips("test", _EVAL_CLIPS.value)
-  print(f"held-out patch-mean-colour level: {patch_mean_level(test['video_patches'].astype('float32') / 127.5 - 1):.2f} dB")
+  train = load_clips("train", _TRAIN_CLIPS.value, cache=_CACHE.value)
+  test = load_clips("test", _EVAL_CLIPS.value, cache=_CACHE.value)
+  print(
+    f"held-out patch-mean-colour level: {patch_mean_level(test['video_patches'].astype('float32') / 127.5 - 1):.2f} dB"
+  )
   if _BASELINES.value:
-    baselines(train, test, _OUT.value)
+    baselines(train, test, _OUT.value, kmeans=tuple(map(int, _KMEANS.value)))
   extra = dict(s.split("=", 1) for s in _SET.value)
   for name in _VARIANTS.value:
     if name not in VARIANTS:
       raise SystemExit(f"Unknown variant {name!r}; known: {sorted(VARIANTS)}")
     overrides = dict(VARIANTS[name][1], **extra)
-    train_variant(name + (f"+{_NAME.value}" if _NAME.value else ""), overrides, train, test, _OUT.value)
+    train_variant(
+      name + (f"+{_NAME.value}" if _NAME.value else ""),
+      overrides,
+      train,
+      test,
+      _OUT.value,
+      steps=_STEPS.value,
+      eval_every=_EVAL_EVERY.value,
+      seed=_SEED.value,
+      stage2_steps=_STAGE2_STEPS.value,
+      stage3_steps=_STAGE3_STEPS.value,
+      cache=_CACHE.value,
+    )
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -41,16 +41,21 @@ Hardware and what to expect:
 from avtok_jax import config_lib
 
 # [ours]: tiny for tests; small tuned on the 2-core CPU demo; B/L ~70 epochs.
-TOTAL_STEPS = {"tiny": 4, "small": 1200, "B": 100_000, "L": 100_000}
+TOTAL_STEPS = {"tiny": 4, "small": 2400, "B": 100_000, "L": 100_000}
 # (enabled, start_step) of the video GAN [ours]: tiny switches it on mid-run
 # so tests cover both sides; B/L start after the reconstruction has settled.
 GAN = {"tiny": (True, 2), "small": (False, 0), "B": (True, 20_000), "L": (True, 20_000)}
 
 PARAM_RULES = (
-  # Audio modules and the audio projector wait for stage 2.
-  (r"^audio_", "frozen"),
+  # Audio modules and the audio projector wait for stage 2: the top-level
+  # audio_* modules and the audio LayerNorms inside the shared stacks
+  # (encoder/block_0/audio_norm1, ...).
+  (r"(^|/)audio_", "frozen"),
   # The AR prior learns 50x faster than the tokenizer [LARP].
   (r"^prior/", 50.0),
+  # The codebook 10x [ours]: unit-norm rows then follow the encoder's outputs
+  # within ~100 steps (docs/results/learning.md).
+  (r"^quantizer/", 10.0),
   # Everything else (shared encoder/decoder, quantizer, video_*, video projector) at x1.
 )
 

@@ -2,8 +2,9 @@ r"""VFAL stage 2, audio later: audio modules learn to use the frozen video token
 
 AVTOK.md section 4. Starts from stage 1's parameters (`init_from`, required;
 the audio modules, untouched by stage 1, keep their fresh initialisation) and
-trains only the audio modules (audio_embed, audio_in_norm, audio_queries,
-audio_patch_queries, audio_out_norm, audio_head), the audio alignment
+trains only the audio modules (audio_embed, audio_queries,
+audio_patch_queries, audio_head, and the audio LayerNorms inside the shared
+encoder and decoder: encoder/block_i/audio_norm1, ...), the audio alignment
 projector and the AR prior (lr x50 [LARP]). The shared encoder and decoder,
 quant_in / quantizer / quant_out and every video_* module are frozen, so the
 audio stream must fit into the codebook and the weights video already
@@ -30,11 +31,12 @@ parameters' checksum in the log stays constant for the whole stage.
 
 from avtok_jax import config_lib
 
-TOTAL_STEPS = {"tiny": 4, "small": 300, "B": 50_000, "L": 50_000}  # [ours]
+TOTAL_STEPS = {"tiny": 4, "small": 600, "B": 50_000, "L": 50_000}  # [ours]
 
 PARAM_RULES = (
-  # Audio modules and the audio projector: the new stream.
-  (r"^audio_", 1.0),
+  # Audio modules, the audio LayerNorms inside the shared stacks and the
+  # audio projector: the new stream.
+  (r"(^|/)audio_", 1.0),
   # The cross-modal AR prior keeps learning, 50x faster [LARP].
   (r"^prior/", 50.0),
   # Everything else is frozen: shared encoder/decoder, quant_in, quantizer

@@ -7,14 +7,16 @@
 #      starting from the previous one, and print where the samples are.
 #
 # Environment knobs: SIZE=tiny|small (default small: the CPU demo), NUM=train
-# clips (default 512), WORKDIR (default ./workdir), PYTHON (default python3),
+# clips (default 2048), NUM_TEST=held-out clips (default 64), WORKDIR (default
+# ./workdir), PYTHON (default python3),
 # STEPS=N to override every stage's total_steps, SETUP=0 to reuse the current
 # Python environment instead of creating .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZE="${SIZE:-small}"
-NUM="${NUM:-512}"
+NUM="${NUM:-2048}"
+NUM_TEST="${NUM_TEST:-64}"
 WORKDIR="${WORKDIR:-workdir}"
 PYTHON="${PYTHON:-python3}"
 case "$SIZE" in
@@ -30,7 +32,7 @@ fi
 
 "$PYTHON" -m avtok_jax.data.synthetic --out="$WORKDIR/clips" --num=16 --preset="$PRESET"
 "$PYTHON" -m avtok_jax.data.prepare --source=synthetic_av --preset="$PRESET" \
-  --num="$NUM" --num_test=$((NUM / 8 > 0 ? NUM / 8 : 1)) --data_dir="$WORKDIR/tfds"
+  --num="$NUM" --num_test="$NUM_TEST" --data_dir="$WORKDIR/tfds"
 
 data_flags=(--config.data.source=tfds:synthetic_av --config.data.data_dir="$WORKDIR/tfds")
 steps_flag=()
@@ -48,4 +50,5 @@ for stage in 1 2 3; do
   previous="$WORKDIR/stage$stage"
 done
 echo "Input vs reconstruction (PNG grids, mp4 with sound): $WORKDIR/stage*/samples/"
+echo "Score the tokenizer: $PYTHON -m avtok_jax.evaluate --workdir=$WORKDIR/stage3 --num_clips=$NUM_TEST"
 echo "Metrics: tensorboard --logdir $WORKDIR   (or $WORKDIR/stage*/metrics.jsonl)"

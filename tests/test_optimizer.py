@@ -248,28 +248,35 @@ _STAGE_TABLE = {
     ("encoder/block_0/attn/query/kernel", "lr_x1"),
     ("decoder/block_0/mlp/fc1/kernel", "lr_x1"),
     ("quant_in/kernel", "lr_x1"),
-    ("quantizer/codebook", "lr_x1"),
+    ("quantizer/codebook", "lr_x10"),
     ("quant_out/kernel", "lr_x1"),
     ("video_embed/kernel", "lr_x1"),
     ("video_queries", "lr_x1"),
     ("video_head/kernel", "lr_x1"),
+    ("encoder/block_0/video_norm1/scale", "lr_x1"),
+    ("decoder/block_0/video_norm2/bias", "lr_x1"),
     ("video_projector/dense_0/kernel", "lr_x1"),
     ("prior/transformer/block_0/mlp/fc1/kernel", "lr_x50"),
+    ("encoder/block_0/audio_norm1/scale", "frozen"),
+    ("encoder/audio_norm/bias", "frozen"),
     ("audio_embed/kernel", "frozen"),
     ("audio_patch_queries", "frozen"),
     ("audio_projector/dense_0/kernel", "frozen"),
   ],
   "vfal_stage2": [
     ("audio_embed/kernel", "lr_x1"),
-    ("audio_in_norm/scale", "lr_x1"),
+    ("encoder/block_0/audio_norm1/scale", "lr_x1"),
+    ("encoder/audio_norm/bias", "lr_x1"),
     ("audio_queries", "lr_x1"),
     ("audio_patch_queries", "lr_x1"),
-    ("audio_out_norm/scale", "lr_x1"),
+    ("decoder/block_0/audio_norm2/scale", "lr_x1"),
     ("audio_head/kernel", "lr_x1"),
     ("audio_projector/dense_0/kernel", "lr_x1"),
     ("prior/in_proj/kernel", "lr_x50"),
     ("encoder/block_0/mlp/fc2/kernel", "frozen"),
+    ("encoder/block_0/video_norm1/scale", "frozen"),
     ("decoder/block_0/attn/out/kernel", "frozen"),
+    ("decoder/block_0/video_norm2/bias", "frozen"),
     ("quant_in/kernel", "frozen"),
     ("quantizer/codebook", "frozen"),
     ("quant_out/bias", "frozen"),
@@ -282,15 +289,16 @@ _STAGE_TABLE = {
     ("quant_out/kernel", "lr_x1"),
     ("video_patch_queries", "lr_x1"),
     ("audio_patch_queries", "lr_x1"),
-    ("video_out_norm/scale", "lr_x1"),
-    ("audio_out_norm/bias", "lr_x1"),
+    ("decoder/block_0/video_norm1/scale", "lr_x1"),
+    ("decoder/block_0/audio_norm2/bias", "lr_x1"),
     ("video_head/kernel", "lr_x1"),
     ("audio_head/bias", "lr_x1"),
-    ("encoder/norm/scale", "frozen"),
+    ("encoder/video_norm/scale", "frozen"),
+    ("encoder/block_0/video_norm1/scale", "frozen"),
     ("quant_in/kernel", "frozen"),
     ("quantizer/codebook", "frozen"),
     ("video_embed/kernel", "frozen"),
-    ("audio_in_norm/scale", "frozen"),
+    ("encoder/block_0/audio_norm2/bias", "frozen"),
     ("video_queries", "frozen"),
     ("audio_queries", "frozen"),
     ("prior/pos_embed", "frozen"),
@@ -301,7 +309,8 @@ _STAGE_TABLE = {
     ("encoder/block_0/attn/query/kernel", "lr_x1"),
     ("audio_embed/kernel", "lr_x1"),
     ("video_head/kernel", "lr_x1"),
-    ("quantizer/codebook", "lr_x1"),
+    ("encoder/block_0/audio_norm1/scale", "lr_x1"),
+    ("quantizer/codebook", "lr_x10"),
     ("audio_projector/dense_0/kernel", "lr_x1"),
     ("prior/start_token", "lr_x50"),
   ],
@@ -314,11 +323,15 @@ def test_stage_rules_follow_the_vfal_table(name):
   labels = _labels_by_path(_tiny_tree(), config.param_rules)
   for path, expected in _STAGE_TABLE[name]:
     assert labels[path] == expected, (name, path)
-  # Every top-level module is either wholly frozen or wholly trainable in every stage.
-  by_module: dict[str, set[bool]] = {}
+  # Every top-level module is either wholly frozen or wholly trainable in every
+  # stage, except that a shared stack's per-modality LayerNorms follow their
+  # modality: group by (module, modality of a nested m_* name or None).
+  by_part: dict[tuple[str, str | None], set[bool]] = {}
   for path, label in labels.items():
-    by_module.setdefault(path.split("/")[0], set()).add(label == "frozen")
-  assert all(len(v) == 1 for v in by_module.values()), by_module
+    top, *rest = path.split("/")
+    modality = next((p.split("_")[0] for p in rest if p.startswith(("video_", "audio_"))), None)
+    by_part.setdefault((top, modality), set()).add(label == "frozen")
+  assert all(len(v) == 1 for v in by_part.values()), by_part
   # The optimizer builds on the abstract tree (what the trainer does before init).
   optimizer.make_optimizer(config.optim, _tiny_tree(), config.param_rules, config.total_steps)
 

@@ -40,6 +40,7 @@ def test_quickstart_end_to_end_on_tiny_preset(tmp_path):
     SETUP="0",
     SIZE="tiny",
     NUM="8",
+    NUM_TEST="4",
     STEPS="2",
     WORKDIR=str(tmp_path),
     PYTHON=sys.executable,

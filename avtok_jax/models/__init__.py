@@ -70,8 +70,6 @@ def build_tokenizer(
     head_norm=m.head_norm,
     locality=m.locality,
     code_scale=m.code_scale,
-    query_pe=m.query_pe,
-    code_embedding=m.code_embedding,
     codebook_init_std=m.codebook_init_std,
     remat=m.remat,
     scan=m.scan,

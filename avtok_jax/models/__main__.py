@@ -42,11 +42,21 @@ def count_by_module(params: dict[str, Any]) -> dict[str, int]:
   }
 
 
-def summarize(counts: dict[str, int]) -> dict[str, int]:
-  """Totals: all, without the prior, video-only (shared + video_* modules), audio_* modules."""
+def summarize(params: dict[str, Any]) -> dict[str, int]:
+  """Totals: all, without the prior, video-only (shared + video parts), audio parts.
+
+  The audio parts are every parameter with an `audio_` name on its path: the
+  top-level audio_* modules and the audio LayerNorms inside the shared
+  encoder and decoder (encoder/block_0/audio_norm1, ...).
+  """
+  counts = count_by_module(params)
   total = sum(counts.values())
   prior = counts.get("prior", 0)
-  audio = sum(v for k, v in counts.items() if k.startswith("audio_"))
+  audio = sum(
+    math.prod(x.shape)
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    if any(str(getattr(k, "key", "")).startswith("audio_") for k in path)
+  )
   return {
     "total": total,
     "without_prior": total - prior,
@@ -63,8 +73,9 @@ def projector_params(width: int, hidden: int, out: int) -> int:
 
 def format_table(size: str, model_config, data_config) -> str:
   """The printed report for one preset."""
-  counts = count_by_module(param_shapes(model_config, data_config))
-  s = summarize(counts)
+  params = param_shapes(model_config, data_config)
+  counts = count_by_module(params)
+  s = summarize(params)
   order = ["encoder", "decoder", "quant_in", "quantizer", "quant_out"]
   order += sorted(k for k in counts if k.startswith("video_"))
   order += sorted(k for k in counts if k.startswith("audio_"))
@@ -84,7 +95,7 @@ def format_table(size: str, model_config, data_config) -> str:
     f"{'total':<22}{s['total']:>14,}",
     f"{'total without prior':<22}{s['without_prior']:>14,}",
     f"{'video-only (no prior)':<22}{s['video_only']:>14,}   (LARP-comparable)",
-    f"{'audio modules':<22}{s['audio_modules']:>14,}",
+    f"{'audio parts':<22}{s['audio_modules']:>14,}   (audio_* modules and LayerNorms)",
   ]
   if size == "L":
     proj = 2 * projector_params(
@@ -95,7 +106,7 @@ def format_table(size: str, model_config, data_config) -> str:
       f"vs LARP-L ({LARP_L_PARAMS / 1e6:.0f}M): video-only {s['video_only'] / 1e6:.1f}M "
       f"({s['video_only'] / LARP_L_PARAMS - 1:+.1%}); without prior "
       f"{s['without_prior'] / 1e6:.1f}M = video-only + {s['audio_modules'] / 1e6:.2f}M audio "
-      "modules",
+      "parts",
       f"vs the paper ({PAPER_PARAMS / 1e6:.1f}M, everything it trains): with prior "
       f"{s['total'] / 1e6:.1f}M ({s['total'] / PAPER_PARAMS - 1:+.1%}); adding two REPA-style "
       f"projectors ({model_config.width}->{model_config.align_hidden_dim}->"

@@ -20,6 +20,7 @@ activations are constrained to ('batch', 'length', 'embed') between blocks.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -109,6 +110,29 @@ def gumbel_max(key: jax.Array, logits: jax.Array) -> jax.Array:
   with `first_argmax`.
   """
   return first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
+
+
+def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+  """A sample of softmax(logits) along the last axis (int32), in two stages for large K.
+
+  Gumbel-max over all K entries draws K random numbers per row; on CPU that
+  dominated the AR prior's scheduled sampling (8 x 128 rows of 8192 codes:
+  159 ms against 11 ms this way, bench note in docs/results/learning.md).
+  With K = b * m (b the largest divisor of K up to sqrt(K)), a block is drawn
+  from the blocks' total probabilities (logsumexp of each block's logits),
+  then an entry of that block from its own logits: P(block) P(entry | block)
+  = softmax(logits), exactly, with b + m random numbers per row. Falls back
+  to `gumbel_max` when K has no such divisor (b = 1).
+  """
+  size = logits.shape[-1]
+  blocks = max((d for d in range(1, math.isqrt(size) + 1) if size % d == 0), default=1)
+  if blocks == 1:
+    return gumbel_max(key, logits)
+  key_block, key_entry = jax.random.split(key)
+  grouped = logits.reshape(*logits.shape[:-1], blocks, size // blocks)
+  block = gumbel_max(key_block, jax.nn.logsumexp(grouped, axis=-1))
+  inner = jnp.take_along_axis(grouped, block[..., None, None], axis=-2)[..., 0, :]
+  return block * (size // blocks) + gumbel_max(key_entry, inner)
 
 
 class LayerNorm(nn.LayerNorm):

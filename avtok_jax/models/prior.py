@@ -161,7 +161,7 @@ class ARPrior(nn.Module):
       key_codes, key_mask = jax.random.split(self.make_rng("sample"))
       guide = jax.lax.stop_gradient(logits1)
       if self.ss_sample:
-        predicted = layers.gumbel_max(key_codes, guide)
+        predicted = layers.sample_categorical(key_codes, guide)
       else:
         predicted = jnp.argmax(guide, axis=-1)
       replace = jax.random.bernoulli(key_mask, jnp.asarray(ss_ratio, jnp.float32), (batch, length))

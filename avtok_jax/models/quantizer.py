@@ -4,8 +4,9 @@ The quantizer of LARP [LARP] (itself the LlamaGen / ViT-VQGAN recipe): the
 encoder output is projected to a low-dimensional code space (`code_dim`, 16),
 both the input and the codebook entries are l2-normalized, and the nearest
 code is the one with the largest cosine similarity (for unit vectors this is
-the same as the smallest Euclidean distance). Training uses the
-straight-through estimator and the usual two VQ-VAE losses
+the same as the smallest Euclidean distance). Training passes the decoder's
+gradient to the encoder by the straight-through estimator [LARP] or the
+rotation trick (`gradient`) and uses the usual two VQ-VAE losses
 (commitment 0.25, codebook 1.0 [LARP]); optionally the code is *sampled* from
 softmax(cos / T), T = 0.03 [LARP], instead of taken by argmax.
 
@@ -97,7 +98,7 @@ def usage_metrics(counts: jax.Array) -> dict[str, jax.Array]:
 class QuantizerOutput:
   """What `VectorQuantizer.__call__` returns (shapes for an input [..., code_dim])."""
 
-  quantized: jax.Array  # [..., code_dim]: value codebook()[codes], gradient straight-through to z.
+  quantized: jax.Array  # [..., code_dim]: value codebook()[codes], gradient to z (`gradient`).
   codes: jax.Array  # int32 [...]
   z: jax.Array  # [..., code_dim]: the l2-normalized input.
   commit_loss: jax.Array  # scalar: mean (sg(q) - z)^2 over unmasked positions and code dims.
@@ -360,7 +361,7 @@ def _rotate_onto(z: jax.Array, q: jax.Array) -> jax.Array:
 
 
 class VectorQuantizer(nn.Module):
-  """l2-normalized VQ with straight-through gradients and a vocab-sharded codebook.
+  """l2-normalized VQ (straight-through or rotation-trick gradients), vocab-sharded codebook.
 
   Attributes:
     codebook_size: number of codebook entries K.
@@ -394,6 +395,8 @@ class VectorQuantizer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
+    if self.gradient not in GRADIENTS:
+      raise ValueError(f"gradient={self.gradient!r} must be one of {GRADIENTS}.")
     self.embedding = self.param(
       "codebook",
       nn.with_logical_partitioning(nn.initializers.normal(stddev=self.init_std), ("vocab", "code")),

@@ -1,26 +1,39 @@
 """AVTok: the shared-weight dual-stream audio-video tokenizer (AVTOK.md section 2).
 
 Single-stream pass, run once per present modality m in {video, audio} with the
-SAME encoder, decoder, quantizer projections and codebook [paper, figure (b)]:
+SAME encoder, decoder, quantizer projections and codebook [paper, figure (b)].
+With the configs' design (norms='inside', locality='both'; the knobs are the
+attributes below, measured in docs/results/learning.md):
 
-  patches -> Dense m_embed -> + fixed sin-cos PE over m's token grid
-  LN^m (m_in_norm) of [patch tokens ; holistic queries m_queries]
-    -> shared `encoder` (bidirectional)
+  patches -> Dense m_embed = content;  h = content + fixed sin-cos PE over m's token grid
+  holistic queries m_queries + 1D PE + mean of h over the query's region   [locality, ours]
+  [h ; queries] -> shared `encoder` (bidirectional; its LayerNorms are LN^m)
     outputs at patch positions -> "patch-wise tokens" (continuous, for L_rep)
     outputs at query positions -> `quant_in` (width -> code_dim) -> `quantizer` -> codes
-  codes -> Q^-1 -> `quant_out` (code_dim -> width) + 1D sin-cos PE over latent positions
-  [latents ; patch queries m_patch_queries + grid PE] -> shared `decoder`
-    outputs at patch-query positions -> LN^m (m_out_norm) -> zero-init Dense m_head -> patches
+  codes -> Q^-1 (unit vectors) x code_scale -> `quant_out` (code_dim -> width) = latents
+  [latents + 1D PE ; m_patch_queries + grid PE + the latent of the patch's region]
+    -> shared `decoder` (LayerNorms LN^m) -> outputs at patch-query positions
+    -> zero-init Dense m_head -> patches
+
+A token's region: patch j (row-major over the grid) belongs to token
+floor(j * n_tokens / n_patches); with one token per patch (the paper's video
+ratio) token t's region is patch t. Nothing normalises outside the residual
+stream: a LayerNorm there discards each patch's brightness and contrast
+(norms='outside' is the first design, LN^m over the encoder's input and
+before the head, kept for comparison).
 
 There is no cross-attention between the streams: they meet only through the
 shared weights, the single codebook, the alignment loss and the cross-modal AR
 prior (`prior`, over the concatenated [video ; audio] codes) [paper].
 
 Parameter tree (top level): `encoder`, `decoder`, `quant_in`, `quantizer`,
-`quant_out`, `prior` (when prior_depth > 0) and, per modality m,
-`m_embed`, `m_in_norm`, `m_queries`, `m_patch_queries`, `m_out_norm`,
-`m_head`. Every per-modality name starts with its modality, so that freezing
-rules (VFAL stage 2 trains `audio_.*`) are plain regexes over paths.
+`quant_out`, `prior` (when prior_depth > 0) and, per modality m, `m_embed`,
+`m_queries`, `m_patch_queries`, `m_head`; the per-modality LayerNorms live in
+the shared stacks as `encoder/block_i/m_norm1`, `m_norm2`, `encoder/m_norm`
+(with scan: `encoder/blocks/m_norm1`, stacked). Every per-modality name
+starts with its modality after a '/', so freezing rules are regexes like
+`(^|/)audio_` (VFAL stage 2). With norms='outside' the tree has
+`m_in_norm` / `m_out_norm` instead and shared `norm1` / `norm2` / `norm`.
 
 Initialisation: a modality absent from the input is skipped entirely (no
 compute, no parameters touched), so `init` must see BOTH modalities to create
@@ -88,6 +101,31 @@ def _pooling_matrix(num_patches: int, num_tokens: int) -> np.ndarray:
   return pool
 
 
+@functools.lru_cache(maxsize=32)
+def _region_layout(num_patches: int, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """(gather int [num_tokens, slots], slot int [num_patches]) of the regions.
+
+  Row t of `gather` lists token t's patches in order, padded with -1 up to
+  `slots`, the size of the largest region; `slot[j]` is patch j's place in
+  its region.
+  """
+  regions = _regions(num_patches, num_tokens)
+  first = np.searchsorted(regions, np.arange(num_tokens))
+  slot = np.arange(num_patches) - first[regions]
+  slots = int(slot.max()) + 1 if num_patches else 1
+  gather = np.full((num_tokens, slots), -1, np.int64)
+  gather[regions, slot] = np.arange(num_patches)
+  for a in (gather, slot):
+    a.flags.writeable = False
+  return gather, slot
+
+
+def _identity_stack(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+  """[slots, width, width] identity matrices: a region path that starts as the plain latent."""
+  del key
+  return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+
+
 def to_float_patches(patches: jax.Array) -> jax.Array:
   """uint8 patches in [0, 255] -> float32 in [-1, 1]; float patches pass through as float32.
 
@@ -135,21 +173,15 @@ class AVTok(nn.Module):
       before the head, shared norms in the blocks (the first design; a
       LayerNorm outside the residual blocks discards each patch's brightness
       and contrast, which measurably slows learning, docs/results/learning.md).
-    head_norm: with norms='inside', a per-modality LayerNorm before the head.
+    head_norm: with norms='inside', a per-modality LayerNorm before the head
+      (the decoder's final norm); ignored with 'outside', which has m_out_norm.
     locality: 'none' | 'decoder' | 'both' [ours]. Token t's region is the
       run of patches j (row-major) with floor(j * n_tokens / n_patches) = t.
-      'decoder': each patch query adds the latent of its region's token;
-      'both': in addition each holistic query adds the mean embedding of its
-      region's patches. Attention still mixes everything; the paths give the
-      routing a local start (docs/results/learning.md).
-    query_pe: with norms='inside', the holistic queries carry position:
-      a 1D sin-cos table, and with locality='both' their pooled patch tokens
-      keep the grid table. False (only sensible with locality='both'): a
-      query holds its region's content alone, so the codes spend no capacity
-      on where a patch is (the decoder knows that from its own tables).
-    code_embedding: the decoder adds a learned [codebook_size, width] row
-      per code (zero-init, 'code_embed') to `quant_out` of the code vector
-      [ours].
+      'decoder': each patch query adds its region token's latent
+      (quant_out of the code, without the latent position table); 'both':
+      in addition each holistic query adds the mean of its region's patch
+      tokens (embedding + grid table). Attention still mixes everything;
+      the paths give the routing a local start (docs/results/learning.md).
     code_scale: the unit code vectors are multiplied by this before
       `quant_out` [ours], so that the content reaches the decoder at the
       scale of the position tables instead of ~6x below it.
@@ -178,7 +210,7 @@ class AVTok(nn.Module):
   commit_weight: float = 0.25
   codebook_weight: float = 1.0
   quantizer_temperature: float = 0.03
-  quantizer_gradient: str = "straight_through"
+  quantizer_gradient: str = "rotation"
   prior_depth: int = 0
   prior_width: int = 384
   prior_heads: int = 6
@@ -186,10 +218,8 @@ class AVTok(nn.Module):
   prior_temperature: float = 1.0
   norms: str = "inside"
   head_norm: bool = False
-  locality: str = "none"
+  locality: str = "both"
   code_scale: float = 1.0
-  query_pe: bool = True
-  code_embedding: bool = False
   codebook_init_std: float = 1.0
   remat: bool = False
   scan: bool = False
@@ -234,11 +264,6 @@ class AVTok(nn.Module):
       param_dtype=self.param_dtype,
     )
     self.quant_out = self._dense(self.width, ("code", "embed"))
-    if self.code_embedding:
-      init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab", "embed"))
-      self.code_embed = self.param(
-        "code_embed", init, (self.codebook_size, self.width), self.param_dtype
-      )
     if self.prior_depth > 0:
       self.prior = ARPrior(
         depth=self.prior_depth,
@@ -270,6 +295,13 @@ class AVTok(nn.Module):
     self.audio_patch_queries = self._queries("audio_patch_queries", self.num_patches("audio"))
     self.audio_head = self._head(self.audio_patch_dim)
 
+    # Where a token's region holds several patches (audio: 240 patches, 64
+    # tokens), the locality paths read and write each patch of the region
+    # through its own linear map [ours]; with one patch per token (video)
+    # they need none. See `_region_paths`.
+    self.video_region_in, self.video_region_out = self._region_paths("video")
+    self.audio_region_in, self.audio_region_out = self._region_paths("audio")
+
     if not inside:
       self.video_in_norm = layers.LayerNorm(param_dtype=self.param_dtype)
       self.video_out_norm = layers.LayerNorm(param_dtype=self.param_dtype)
@@ -297,6 +329,30 @@ class AVTok(nn.Module):
       kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed", "patch")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("patch",)),
     )
+
+  def _region_paths(self, modality: str) -> tuple[nn.Dense | None, jax.Array | None]:
+    """(m_region_in, m_region_out) when m's regions hold several patches, else (None, None).
+
+    m_region_in: Dense(slots * patch_dim -> width) of the region's patches
+    side by side (zero-padded), added to the holistic query instead of the
+    mean of the region's patch tokens, which would superimpose the patches.
+    m_region_out: [slots, width, width], identity at init; patch j of a
+    region adds latent @ m_region_out[slot(j)] instead of the latent itself,
+    so that a linear path can write each patch of the region differently.
+    """
+    slots = self.region_slots(modality)
+    if slots <= 1:
+      return None, None
+    region_in = None
+    if self.locality == "both":
+      region_in = self._dense(self.width, ("patch", "embed"))
+    region_out = None
+    if self.locality in ("decoder", "both"):
+      # The output width is 'kv' (replicated), as one dim may use 'embed' (fsdp).
+      init = nn.with_logical_partitioning(_identity_stack, ("slot", "embed", "kv"))
+      shape = (slots, self.width, self.width)
+      region_out = self.param(f"{modality}_region_out", init, shape, self.param_dtype)
+    return region_in, region_out
 
   def _queries(self, name: str, length: int) -> jax.Array:
     init = nn.with_logical_partitioning(_QUERY_INIT, ("length", "embed"))
@@ -345,6 +401,10 @@ class AVTok(nn.Module):
     """int [N_m]: the holistic token whose region holds each patch (see `locality`)."""
     return _regions(self.num_patches(modality), self.num_tokens(modality))
 
+  def region_slots(self, modality: str) -> int:
+    """Patches in the largest region of m's tokens (1: one patch per token, or fewer)."""
+    return _region_layout(self.num_patches(modality), self.num_tokens(modality))[0].shape[1]
+
   # --- one stream ---------------------------------------------------------------
 
   def _encode_one(
@@ -360,15 +420,22 @@ class AVTok(nn.Module):
       )
     batch = patches.shape[0]
     x = to_float_patches(patches)
-    content = parts["embed"](x.astype(self.dtype)).astype(jnp.float32)
-    h = content + _position_table(self.grid(modality), self.width)
+    h = parts["embed"](x.astype(self.dtype)).astype(jnp.float32)
+    h = h + _position_table(self.grid(modality), self.width)
     queries = jnp.broadcast_to(
       parts["queries"].astype(jnp.float32)[None], (batch, n_tokens, self.width)
     )
-    if self.locality == "both":
+    region_in = getattr(self, f"{modality}_region_in")
+    if region_in is not None:
+      # Each holistic query reads its region's patches side by side [ours].
+      gather, _ = _region_layout(n_patches, n_tokens)
+      side = jnp.where(gather[None, :, :, None] >= 0, jnp.take(x, gather, axis=1), 0.0)
+      side = side.reshape(batch, n_tokens, -1)
+      queries = queries + region_in(side.astype(self.dtype)).astype(jnp.float32)
+    elif self.locality == "both":
       # Each holistic query starts from the mean of its region's patch tokens [ours].
-      pool = _pooling_matrix(self.num_patches(modality), n_tokens)
-      queries = queries + jnp.einsum("tn,bnd->btd", pool, h if self.query_pe else content)
+      pool = _pooling_matrix(n_patches, n_tokens)
+      queries = queries + jnp.einsum("tn,bnd->btd", pool, h)
     if self.norms == "outside":
       # One LayerNorm over the whole sequence, queries included (TiTok's
       # ln_pre): the N(0, 0.02) queries enter at unit scale, as the patches
@@ -377,11 +444,10 @@ class AVTok(nn.Module):
       # code vectors at init, one code per clip after 300 steps).
       seq = parts["in_norm"](jnp.concatenate([h, queries], axis=1))
     else:
-      if self.query_pe:
-        # The queries get a 1D position table as the patches get theirs
-        # [TiTok adds one to its latent tokens], which sets them apart at
-        # unit scale without a LayerNorm outside the residual stream.
-        queries = queries + _position_table((n_tokens,), self.width)
+      # The queries get a 1D position table as the patches get theirs
+      # [TiTok adds one to its latent tokens], which sets them apart at
+      # unit scale without a LayerNorm outside the residual stream.
+      queries = queries + _position_table((n_tokens,), self.width)
       seq = jnp.concatenate([h, queries], axis=1)
     seq = nn.with_logical_constraint(seq, ("batch", "length", "embed"))
     out = self.encoder(seq, **self._stream(modality))
@@ -396,7 +462,7 @@ class AVTok(nn.Module):
       "quantizer": q,
     }
 
-  def _decode_one(self, modality: str, quantized: jax.Array, codes: jax.Array) -> jax.Array:
+  def _decode_one(self, modality: str, quantized: jax.Array) -> jax.Array:
     parts = self._parts(modality)
     batch, n_tokens = quantized.shape[:2]
     if n_tokens != self.num_tokens(modality):
@@ -404,12 +470,6 @@ class AVTok(nn.Module):
         f"{modality}: expected {self.num_tokens(modality)} tokens per clip, got {n_tokens}."
       )
     content = self.quant_out((quantized * self.code_scale).astype(self.dtype)).astype(jnp.float32)
-    if self.code_embedding:
-      # Each code's own learned vector (zero at init) [ours]: a lookup table
-      # next to the smooth map of the code vector, so that the decoder can
-      # give any code its own output without the codes having to be laid
-      # out smoothly first (docs/results/learning.md).
-      content = content + jnp.take(self.code_embed, codes, axis=0).astype(jnp.float32)
     latents = content + _position_table((n_tokens,), self.width)
     patch_queries = parts["patch_queries"].astype(jnp.float32) + _position_table(
       self.grid(modality), self.width
@@ -417,8 +477,21 @@ class AVTok(nn.Module):
     n_patches = patch_queries.shape[0]
     patch_queries = jnp.broadcast_to(patch_queries[None], (batch, n_patches, self.width))
     if self.locality in ("decoder", "both"):
-      # Each patch query adds its region's latent [ours].
-      patch_queries = patch_queries + jnp.take(content, self.region_of_patch(modality), axis=1)
+      # Each patch query adds its region's latent [ours], through its slot's
+      # map when regions hold several patches.
+      regions = self.region_of_patch(modality)
+      region_out = getattr(self, f"{modality}_region_out")
+      if region_out is None:
+        region = jnp.take(content, regions, axis=1)
+      else:
+        # Every token through every slot's map, [B, T, slots, width], then
+        # patch j takes (its region, its slot).
+        _, slot = _region_layout(n_patches, n_tokens)
+        per_slot = jnp.einsum(
+          "btd,sde->btse", content.astype(self.dtype), region_out.astype(self.dtype)
+        ).astype(jnp.float32)
+        region = per_slot[:, regions, slot]
+      patch_queries = patch_queries + region
     seq = jnp.concatenate([latents, patch_queries], axis=1)
     seq = nn.with_logical_constraint(seq, ("batch", "length", "embed"))
     out = self.decoder(seq, **self._stream(modality))[:, n_tokens:]
@@ -462,7 +535,7 @@ class AVTok(nn.Module):
 
     Returns:
       {m: {'codes': int32 [B, n_m], 'quantized': float32 [B, n_m, code_dim]
-      (straight-through), 'patch_tokens': float32 [B, N_m, width],
+      (its gradient reaches z: straight-through or rotated), 'patch_tokens': float32 [B, N_m, width],
       'quantizer': QuantizerOutput}} for each present modality m.
     """
     present = self._present(video_patches, audio_patches)
@@ -478,9 +551,7 @@ class AVTok(nn.Module):
     if unknown:
       raise ValueError(f"decode: unknown modalities {sorted(unknown)}; expected {MODALITIES}.")
     return {
-      m: self._decode_one(m, self.quantizer.lookup(codes[m]), jnp.asarray(codes[m], jnp.int32))
-      for m in MODALITIES
-      if m in codes
+      m: self._decode_one(m, self.quantizer.lookup(codes[m])) for m in MODALITIES if m in codes
     }
 
   def __call__(
@@ -515,13 +586,13 @@ class AVTok(nn.Module):
     out: dict[str, Any] = {}
     for m, x in present.items():
       stream = self._encode_one(m, x, train, stochastic)
-      # Decode the straight-through codes so the reconstruction loss reaches
-      # the encoder through the quantizer [LARP].
-      stream["recon"] = self._decode_one(m, stream["quantized"], stream["codes"])
+      # Decode the quantized codes (value q, gradient passed on to z) so that
+      # the reconstruction loss reaches the encoder through the quantizer [LARP].
+      stream["recon"] = self._decode_one(m, stream["quantized"])
       out[m] = stream
     if self.prior is not None and run_prior:
       # Cross-modal prior over [video ; audio] (just the present part in stage 1)
-      # [paper]; its gradient reaches the encoder through the straight-through
+      # [paper]; its gradient reaches the encoder through the quantized
       # codes, while the codebook it scores against is stop-gradiented inside.
       # Audio alone (no VFAL stage does this) is read from position 0.
       quantized = jnp.concatenate([out[m]["quantized"] for m in present], axis=1)

@@ -188,3 +188,21 @@ def test_first_argmax_is_jnp_argmax_with_ties_and_gumbel_max_is_categorical():
     )
   # Really samples: not always the argmax.
   assert np.mean(np.asarray(layers.gumbel_max(key, logits) != jnp.argmax(logits, -1))) > 0.1
+
+
+@pytest.mark.parametrize("size", [12, 13, 64])
+def test_two_stage_categorical_samples_the_softmax(size):
+  """sample_categorical (block, then entry) has the softmax's frequencies; prime K falls back."""
+  probs = np.arange(1, size + 1, dtype=np.float64)
+  probs /= probs.sum()
+  n = 200_000
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, size))
+  draws = np.asarray(jax.jit(layers.sample_categorical)(jax.random.key(0), logits))
+  assert draws.dtype == np.int32 and draws.min() >= 0 and draws.max() < size
+  freq = np.bincount(draws, minlength=size) / n
+  # 5 standard errors of a binomial frequency.
+  np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / n))
+  if size == 13:  # no divisor up to sqrt(13): plain Gumbel-max, the same draw as categorical
+    np.testing.assert_array_equal(
+      draws, jax.random.categorical(jax.random.key(0), logits, axis=-1)
+    )

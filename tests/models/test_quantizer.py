@@ -137,6 +137,36 @@ def test_straight_through_gradient_is_the_identity():
   np.testing.assert_allclose(g_vq, g_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_rotation_trick_keeps_the_value_and_rotates_the_gradient():
+  """gradient='rotation': value exactly q; d/dz = vjp of normalize at R^T w, R: z -> q orthogonal."""
+  model, variables, x = _setup(seed=1)
+  rotating = VectorQuantizer(codebook_size=K, code_dim=D, gradient="rotation")
+  w = jax.random.normal(jax.random.key(7), x.shape)
+  out = _call(rotating, variables, x, train=True)
+  np.testing.assert_array_equal(out.quantized, _call(model, variables, x, train=True).quantized)
+
+  g = jax.jit(jax.grad(lambda x: jnp.sum(w * rotating.apply(variables, x, train=True).quantized)))(
+    x
+  )
+  z = np.asarray(quantizer.l2_normalize(x), np.float64).reshape(-1, D)
+  q = np.asarray(out.quantized, np.float64).reshape(-1, D)
+  expected = []
+  for zi, qi, wi in zip(z, q, np.asarray(w, np.float64).reshape(-1, D), strict=True):
+    r = (zi + qi) / np.linalg.norm(zi + qi)
+    rot = np.eye(D) - 2 * np.outer(r, r) + 2 * np.outer(qi, zi)
+    np.testing.assert_allclose(rot @ zi, qi, atol=1e-5)  # takes z to q ...
+    np.testing.assert_allclose(rot.T @ rot, np.eye(D), atol=1e-5)  # ... and is a rotation
+    expected.append(rot.T @ wi)
+  expected = jnp.asarray(np.stack(expected).reshape(x.shape), jnp.float32)
+  _, vjp = jax.vjp(quantizer.l2_normalize, x)
+  np.testing.assert_allclose(g, vjp(expected)[0], rtol=1e-4, atol=1e-5)
+  # Not the straight-through gradient.
+  g_st = jax.jit(jax.grad(lambda x: jnp.sum(w * model.apply(variables, x, train=True).quantized)))(
+    x
+  )
+  assert float(jnp.max(jnp.abs(g - g_st))) > 1e-3
+
+
 def test_codebook_gradient_only_through_codebook_loss():
   x = jax.random.normal(jax.random.key(2), SHAPE)
   w = jax.random.normal(jax.random.key(3), x.shape)

@@ -37,8 +37,11 @@ LOGICAL_NAMES = {
   "conv_in",
   "conv_out",
   "layers",
+  "slot",
 }
-PER_MODALITY = ("embed", "in_norm", "queries", "patch_queries", "out_norm", "head")
+PER_MODALITY = ("embed", "queries", "patch_queries", "head")
+# Per-modality LayerNorms inside the shared stacks (norms='inside'), per block and final.
+BLOCK_NORMS = ("norm1", "norm2")
 SHARED = ("encoder", "decoder", "quant_in", "quantizer", "quant_out")
 
 
@@ -178,11 +181,25 @@ def test_one_encoder_one_decoder_and_named_modality_parts(tiny):
   params = shapes["params"]
   expected = set(SHARED) | {"prior"}
   expected |= {f"{m}_{part}" for m in ("video", "audio") for part in PER_MODALITY}
+  # Region maps only where a token's region holds several patches (tiny: audio's
+  # 32 patches over 8 tokens; video has one token per patch).
+  assert (tiny.region_slots("video"), tiny.region_slots("audio")) == (1, 4)
+  expected |= {"audio_region_in", "audio_region_out"}
   assert set(params) == expected
   paths = _paths(nn.unbox(params))
   for name in ("encoder", "decoder"):
     holders = {p[: p.index(name) + 1] for p in paths if name in p}
     assert holders == {(name,)}, f"{name} appears at {holders}"
+  # The per-modality norms are the only per-modality parameters inside the shared
+  # stacks: every block holds both modalities' norm1 / norm2, the encoder a final
+  # norm per modality, the decoder none (the heads read the residual stream).
+  unboxed = nn.unbox(params)
+  for name, finals in (("encoder", {"video_norm", "audio_norm"}), ("decoder", set())):
+    block_names = {k for k in unboxed[name] if k.startswith("block_")}
+    assert set(unboxed[name]) == block_names | finals, name
+    for block in block_names:
+      expected_block = {f"{m}_{n}" for m in ("video", "audio") for n in BLOCK_NORMS}
+      assert set(unboxed[name][block]) == expected_block | {"attn", "mlp"}, (name, block)
   # Shared weights: every transformer block lives under the one encoder / decoder
   # (or the prior), never under a per-modality name.
   for p in paths:
@@ -224,10 +241,14 @@ def test_output_shapes_for_both_and_each_alone(tiny, params, batch, forward, pre
 
 
 def test_absent_modality_costs_nothing(tiny, params, batch):
-  """With one stream, the traced program reads none of the other stream's parameters."""
+  """With one stream, the traced program reads none of the other stream's parameters.
+
+  Per-modality parameters are the top-level `m_*` modules and the `m_norm*`
+  LayerNorms inside the shared encoder and decoder.
+  """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [leaf for _, leaf in flat]
-  names = [str(path[0].key) for path, _ in flat]
+  paths = [tuple(str(k.key) for k in path) for path, _ in flat]
   for present, absent in (("video", "audio"), ("audio", "video")):
     inputs = {f"{present}_patches": batch[present]}
     jaxpr = jax.make_jaxpr(
@@ -236,10 +257,15 @@ def test_absent_modality_costs_nothing(tiny, params, batch):
       )
     )(*leaves).jaxpr
     used = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, jax_core.Literal)}
-    for name, var in zip(names, jaxpr.invars, strict=True):
-      if name.startswith(absent + "_"):
+    for path, var in zip(paths, jaxpr.invars, strict=True):
+      name = "/".join(path)
+      if any(k.startswith(absent + "_") for k in path):
         assert var not in used, f"{present}-only forward reads {name}"
-      elif name.startswith(present + "_") or name in ("encoder", "decoder", "quant_in"):
+      elif any(k.startswith(present + "_") for k in path) or path[0] in (
+        "encoder",
+        "decoder",
+        "quant_in",
+      ):
         assert var in used, f"{present}-only forward does not read {name}"
 
 
@@ -274,14 +300,15 @@ def test_decode_of_encode_equals_recon_and_uint8_equals_float(tiny, params, batc
     np.testing.assert_allclose(out_u8[m]["recon"], out[m]["recon"], atol=1e-5)
 
 
-def test_queries_are_normalised_with_the_patches_so_tokens_differ_at_init():
+def test_queries_are_set_apart_so_tokens_differ_at_init():
   """Regression: raw N(0, 0.02) queries left the encoder as ~one vector per clip.
 
   They were 50x smaller than the attention outputs added to them, so every
   token of a clip had ~the same code vector (mean cosine 0.97 on the built-in
-  data) and the small demo collapsed to one code per clip. With the queries
-  inside the input LayerNorm, the tokens of a freshly initialised model
-  already spread over the sphere and over many codes.
+  data) and the small demo collapsed to one code per clip. Now each query
+  carries a 1D position table and its region's patch tokens (locality
+  'both'), so the tokens of a freshly initialised model already spread over
+  the sphere and over many codes.
   """
   model = _model("small")
   params = _init(model, 2)["params"]
@@ -291,7 +318,7 @@ def test_queries_are_normalised_with_the_patches_so_tokens_differ_at_init():
   enc = jax.jit(lambda p, v: model.apply({"params": p}, v, None, method=model.encode))(
     params, video
   )["video"]
-  z = np.asarray(enc["quantizer"].z, np.float64)  # [2, 64, code_dim], unit rows
+  z = np.asarray(enc["quantizer"].z, np.float64)  # [2, 128, code_dim], unit rows
   for clip in range(2):
     cos = z[clip] @ z[clip].T
     off_diagonal = cos[~np.eye(len(cos), dtype=bool)]
@@ -302,16 +329,19 @@ def test_queries_are_normalised_with_the_patches_so_tokens_differ_at_init():
 # --- gradients -----------------------------------------------------------------
 
 
-def test_gradients_reach_the_encoder_straight_through(tiny, params, batch):
-  """d L / d (pre-quantizer features) is the identity estimate through the quantizer.
+@pytest.mark.parametrize("gradient", ["straight_through", "rotation"])
+def test_gradients_reach_the_encoder_through_the_quantizer(params, batch, gradient):
+  """d L / d (pre-quantizer features) is the configured estimate through the quantizer.
 
   A zero perturbation is added to the quantizer's input z (the `quant_in`
   output) and to its output `quantized`; their gradients are d L / d z and
-  d L / d quantized. The quantizer l2-normalises z and then passes the
-  gradient straight through, so d L / d z must equal the normalisation's
-  vector-Jacobian product of d L / d quantized, and the codebook gets no
-  gradient from the reconstruction loss.
+  d L / d quantized = g. The quantizer l2-normalises z and then passes on g
+  unchanged (straight-through) or rotated by R^T, R the rotation in the
+  plane of z and q taking z to q (the rotation trick), so d L / d z must
+  equal the normalisation's vector-Jacobian product of that, and the
+  codebook gets no gradient from the reconstruction loss.
   """
+  tiny = _model("tiny", quantizer_gradient=gradient)
   targets = {"video": batch["video"], "audio": batch["audio"]}
   n_tokens = {m: tiny.num_tokens(m) for m in targets}
   assert n_tokens["video"] != n_tokens["audio"]  # tells the two quantizer calls apart
@@ -329,8 +359,8 @@ def test_gradients_reach_the_encoder_straight_through(tiny, params, batch):
         return next_fun(*args, **kwargs)
       z = args[0]
       m = "video" if z.shape[1] == n_tokens["video"] else "audio"
-      seen[m] = z
       q = next_fun(z + perturb[f"{m}_z"], *args[1:], **kwargs)
+      seen[m] = (z, jax.lax.stop_gradient(q.quantized))
       return q.replace(quantized=q.quantized + perturb[f"{m}_q"])
 
     with nn.intercept_methods(interceptor):
@@ -339,7 +369,7 @@ def test_gradients_reach_the_encoder_straight_through(tiny, params, batch):
     return loss, seen
 
   grad_fn = jax.jit(jax.grad(loss_fn, argnums=(0, 1), has_aux=True))
-  (g_params, g_perturb), z_pre = grad_fn(
+  (g_params, g_perturb), seen = grad_fn(
     _with_random_heads(params), perturb, batch["video"], batch["audio"]
   )
   for path, g in jax.tree_util.tree_flatten_with_path(g_params["encoder"])[0]:
@@ -350,7 +380,14 @@ def test_gradients_reach_the_encoder_straight_through(tiny, params, batch):
   for m in targets:
     g_q = g_perturb[f"{m}_q"]
     assert float(jnp.abs(g_q).max()) > 0
-    _, vjp = jax.vjp(l2_normalize, z_pre[m])
+    z_pre, q = seen[m]
+    if gradient == "rotation":
+      # R^T g = g - 2 r (r . g) + 2 z (q . g), z the unit input, r = (z + q) / |z + q|.
+      z = l2_normalize(z_pre)
+      r = l2_normalize(z + q)
+      dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)  # noqa: E731
+      g_q = g_q - 2 * r * dot(r, g_q) + 2 * z * dot(q, g_q)
+    _, vjp = jax.vjp(l2_normalize, z_pre)
     (expected,) = vjp(g_q)
     scale = float(jnp.abs(expected).max())
     np.testing.assert_allclose(g_perturb[f"{m}_z"], expected, rtol=1e-4, atol=1e-5 * scale)
@@ -465,19 +502,18 @@ def test_remat_and_scan_match_the_plain_model(batch):
 
 
 def _block_params(width: int, mlp: int) -> int:
-  # q/k/v (no bias) + out proj + bias, fc1 + bias, fc2 + bias, two LayerNorms.
-  return 4 * width * width + width + 2 * width * mlp + mlp + width + 4 * width
+  # q/k/v (no bias) + out proj + bias, fc1 + bias, fc2 + bias, two LayerNorms per modality.
+  return 4 * width * width + width + 2 * width * mlp + mlp + width + 2 * 4 * width
 
 
 def test_L_parameter_count_matches_larp_and_the_paper():
-  counts = models_main.count_by_module(
-    models_main.param_shapes(config_lib.model_config("L"), config_lib.data_config("paper"))
-  )
+  params = models_main.param_shapes(config_lib.model_config("L"), config_lib.data_config("paper"))
+  counts = models_main.count_by_module(params)
   block = _block_params(768, 3072)
-  assert counts["encoder"] == 12 * block + 2 * 768  # + final LayerNorm
-  assert counts["decoder"] == 12 * block  # LN^m is the decoder's final norm
+  assert counts["encoder"] == 12 * block + 2 * 2 * 768  # + a final LayerNorm per modality
+  assert counts["decoder"] == 12 * block  # the heads read the residual stream
   assert counts["quantizer"] == 8192 * 16
-  s = models_main.summarize(counts)
+  s = models_main.summarize(params)
   # LARP-L is 173M [LARP]; the paper's 208.4M also holds the alignment projectors.
   assert abs(s["video_only"] / 173e6 - 1) < 0.01
   assert 0.9 < s["total"] / 208.4e6 < 1.0
@@ -487,12 +523,11 @@ def test_L_parameter_count_matches_larp_and_the_paper():
 def test_main_prints_the_parameter_table(capsys):
   assert models_main.main(["avtok_jax.models", "--preset=tiny"]) == 0
   text = capsys.readouterr().out
-  counts = models_main.count_by_module(
-    models_main.param_shapes(config_lib.model_config("tiny"), config_lib.data_config("tiny"))
-  )
+  params = models_main.param_shapes(config_lib.model_config("tiny"), config_lib.data_config("tiny"))
+  counts = models_main.count_by_module(params)
   for name, n in counts.items():
     assert re.search(rf"^{name}\s+{n:,}\s", text, re.MULTILINE), name
-  s = models_main.summarize(counts)
+  s = models_main.summarize(params)
   assert re.search(rf"^total\s+{s['total']:,}$", text, re.MULTILINE)
   assert re.search(rf"^total without prior\s+{s['without_prior']:,}$", text, re.MULTILINE)
   assert re.search(rf"^video-only \(no prior\)\s+{s['video_only']:,}\s", text, re.MULTILINE)
@@ -554,4 +589,4 @@ def test_L_forward_backward_compiles_on_cpu():
   assert jax.tree.map(lambda x: x.shape, grads) == jax.tree.map(
     lambda x: x.shape, variables["params"]
   )
-  assert jax.tree.leaves(grads["encoder"])[0].shape[0] == 12  # scan layout: stacked blocks
+  assert jax.tree.leaves(grads["encoder"]["blocks"])[0].shape[0] == 12  # scan: stacked blocks
