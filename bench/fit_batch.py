@@ -94,7 +94,10 @@ def main(argv):
     enc = module._encode_one("video", patches, True, False)
     if mode == "patch_tokens":
       parts = module._parts("video")
-      return parts["head"](parts["out_norm"](enc["patch_tokens"])), 0.0
+      tokens = enc["patch_tokens"]
+      if "out_norm" in parts:  # norms='outside': the head reads LN^m of the tokens
+        tokens = parts["out_norm"](tokens)
+      return parts["head"](tokens), 0.0
     latents = enc["quantized"] if mode == "quantized" else enc["quantizer"].z
     vq = enc["quantizer"].loss if mode == "quantized" else 0.0
     return module._decode_one("video", latents), vq

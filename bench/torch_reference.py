@@ -44,15 +44,22 @@ Where each piece comes from (our JAX modules are the specification):
 * Tokenizer (`avtok_jax/models/tokenizer.py`), options read from
   `config.model` as `models.build_tokenizer` passes them: per modality m,
   Dense m_embed + grid PE = h; holistic queries m_queries, plus with
-  `locality='both'` the mean of h over each token's region (token t's region
-  is the patches j with floor(j * n_tokens / n_patches) = t); then
+  `locality='both'` a summary of each token's region (token t's region is
+  the patches j with floor(j * n_tokens / n_patches) = t): where regions hold
+  one patch at most, the mean of h over the region; where a region holds
+  several (`region_slots` > 1: the largest region's size, e.g. audio on
+  tiny/small), Dense m_region_in over the region's float patches side by
+  side (slot k = the region's k-th patch, zero-padded up to `slots`); then
   norms='outside': one LayerNorm m_in_norm over [h ; queries], norms='inside':
   queries + 1D PE over their positions and no norm; the shared encoder (once
   per modality), quant_in on the query outputs, quantizer; decoder input:
   content = quant_out(quantized * `model.code_scale`), latents = content + 1D
   PE, patch queries = m_patch_queries + grid PE, plus with locality 'decoder'
-  or 'both' the content of their region's token; [latents ; patch queries]
-  through the shared decoder, m_out_norm (norms='outside' only),
+  or 'both' the content of their region's token, or with several patches per
+  region content @ m_region_out[slot of the patch] (m_region_out [slots,
+  width, width], identity at init; every token through every slot's map,
+  then each patch picks its own, as JAX computes it); [latents ; patch
+  queries] through the shared decoder, m_out_norm (norms='outside' only),
   zero-init m_head.
 * Quantizer (`avtok_jax/models/quantizer.py`): l2-normalised input and
   codebook (raw rows drawn N(0, `model.codebook_init_std`^2)); the code is
@@ -459,6 +466,24 @@ class RandomTeacher(nn.Module):
 # ----------------------------------------------------------------------------- the tokenizer
 
 
+def _region_layout(
+  num_patches: int, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+  """(regions [N], gather [n_t, slots], slot [N]): tokenizer._regions and _region_layout.
+
+  regions[j] = floor(j * n_t / N), the token of patch j's region; row t of
+  `gather` lists token t's patches in order, padded with -1 up to `slots`, the
+  size of the largest region; slot[j] is patch j's place in its region.
+  """
+  regions = torch.div(torch.arange(num_patches) * num_tokens, num_patches, rounding_mode="floor")
+  first = torch.searchsorted(regions, torch.arange(num_tokens))
+  slot = torch.arange(num_patches) - first[regions]
+  slots = int(slot.max()) + 1 if num_patches else 1
+  gather = torch.full((num_tokens, slots), -1, dtype=torch.long)
+  gather[regions, slot] = torch.arange(num_patches)
+  return regions, gather, slot
+
+
 def _to_float_patches(x: torch.Tensor) -> torch.Tensor:
   """tokenizer.to_float_patches: uint8 [0, 255] -> [-1, 1]; floats pass as float32."""
   if not torch.is_floating_point(x):
@@ -555,11 +580,25 @@ class AVTokTorch(nn.Module):
       # Locality: token t's region is the patches j with floor(j * n_t / N) = t;
       # `pool` [n_t, N] averages a region (an empty region gives a zero row).
       n_patches, n_tok = self.num_patches[mod], self.num_tokens[mod]
-      regions = torch.div(torch.arange(n_patches) * n_tok, n_patches, rounding_mode="floor")
+      regions, gather, slot = _region_layout(n_patches, n_tok)
       pool = F.one_hot(regions, n_tok).t().to(torch.float32)
       pool = pool / pool.sum(1, keepdim=True).clamp(min=1.0)
       self.register_buffer(f"{mod}_regions", regions, persistent=False)
       self.register_buffer(f"{mod}_pool", pool, persistent=False)
+      self.register_buffer(f"{mod}_gather", gather, persistent=False)
+      self.register_buffer(f"{mod}_slot", slot, persistent=False)
+      # Region maps (tokenizer._region_paths), only where a region holds several
+      # patches: m_region_in Dense(slots * patch_dim -> width) (xavier, zero bias)
+      # with locality 'both', m_region_out [slots, width, width] identities with
+      # 'decoder' or 'both'. Otherwise None, as in JAX (no parameter).
+      slots = gather.shape[1]
+      region_in = region_out = None
+      if slots > 1 and self.locality == "both":
+        region_in = _dense(slots * patch_dim[mod], width)
+      if slots > 1 and self.locality in ("decoder", "both"):
+        region_out = nn.Parameter(torch.eye(width).repeat(slots, 1, 1))
+      self.add_module(f"{mod}_region_in", region_in)
+      self.register_parameter(f"{mod}_region_out", region_out)
     if config.alignment.teacher != "random":
       raise ValueError(f"Only the 'random' teacher is implemented, got {config.alignment.teacher}.")
     self.teacher = RandomTeacher(
@@ -582,7 +621,14 @@ class AVTokTorch(nn.Module):
     b = x.shape[0]
     h = self._part(modality, "embed")(x) + self._part(modality, "pos")
     queries = self._part(modality, "queries").expand(b, -1, -1)
-    if self.locality == "both":
+    region_in = self._part(modality, "region_in")
+    if region_in is not None:
+      # Several patches per region: each query reads its region's patches side by
+      # side, [B, n_t, slots * P], zeros in the padding (tokenizer._encode_one).
+      gather = self._part(modality, "gather")
+      side = torch.where((gather >= 0)[None, :, :, None], x[:, gather.clamp(min=0)], 0.0)
+      queries = queries + region_in(side.reshape(b, gather.shape[0], -1))
+    elif self.locality == "both":
       queries = queries + self._part(modality, "pool") @ h  # region means of h
     if self.norms == "outside":
       seq = self._part(modality, "in_norm")(torch.cat([h, queries], dim=1))
@@ -602,8 +648,18 @@ class AVTokTorch(nn.Module):
     patch_queries = self._part(modality, "patch_queries") + self._part(modality, "pos")
     patch_queries = patch_queries.expand(b, -1, -1)
     if self.locality in ("decoder", "both"):
-      # Each patch query adds its region's token content (no latent position table).
-      patch_queries = patch_queries + content[:, self._part(modality, "regions")]
+      # Each patch query adds its region's token content (no latent position table),
+      # through its slot's map when regions hold several patches (tokenizer._decode_one:
+      # every token through every slot's map, [B, n_t, slots, width], then patch j takes
+      # (its region, its slot)).
+      regions = self._part(modality, "regions")
+      region_out = self._part(modality, "region_out")
+      if region_out is None:
+        region = content[:, regions]
+      else:
+        per_slot = torch.einsum("btd,sde->btse", content, region_out)
+        region = per_slot[:, regions, self._part(modality, "slot")]
+      patch_queries = patch_queries + region
     seq = torch.cat([latents, patch_queries], dim=1)
     out = self.decoder(seq, **self._stream(modality))[:, n_tokens:]
     if self.norms == "outside":

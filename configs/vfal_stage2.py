@@ -24,9 +24,11 @@ Launch, after stage 1 (see configs/vfal_stage1.py):
 Argument: the size preset, `tiny`, `small` (default), `B` or `L`.
 
 Hardware and what to expect: the same machines as stage 1, and fewer steps
-(tiny 4, small 300 on the 2-core CPU, B/L 50k). The mel reconstructions'
-L1 falls quickly (only the small audio modules train); the frozen
-parameters' checksum in the log stays constant for the whole stage.
+(tiny 4, small 600 on the 2-core CPU, ~2.4 step/s, 246 s measured 2026-12-08;
+B/L 50k). The mel reconstructions' L1 falls quickly (only the small audio
+modules train): held-out mel L1 0.070 after the quickstart's stage 2 (each
+mel patch's mean: 0.080); the frozen parameters' checksum in the log stays
+constant for the whole stage.
 """
 
 from avtok_jax import config_lib

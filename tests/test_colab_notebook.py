@@ -114,7 +114,7 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   assert counts, text[-2000:]
   assert (int(counts[1]), int(counts[2])) == (model.num_video_tokens, model.num_audio_tokens)
   first = re.search(r"first video codes: \[([\d, ]+)\]", text)
-  assert first and len(first[1].split(",")) == model.num_video_tokens
+  assert first and len(first[1].split(",")) == min(16, model.num_video_tokens)  # it prints 16
   assert re.search(r"first audio codes: \[[\d, ]+\]", text)
 
   recon = workdir / "reconstruction.mp4"

@@ -18,6 +18,8 @@ from avtok_jax import tokenize as tokenize_lib
 from avtok_jax.data import synthetic, tokens, video_io
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_TINY = config_lib.model_config("tiny")
+NV, NA = _TINY.num_video_tokens, _TINY.num_audio_tokens  # tokens per clip of the tiny tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,8 @@ def test_encode_then_decode_round_trip(workdir, tok, clips, tmp_path):
   )
   with np.load(codes_file, allow_pickle=False) as f:
     saved = {k: f[k] for k in f.files}
-  assert saved["video_codes"].dtype == np.int32 and saved["video_codes"].shape == (8,)
-  assert saved["audio_codes"].dtype == np.int32 and saved["audio_codes"].shape == (4,)
+  assert saved["video_codes"].dtype == np.int32 and saved["video_codes"].shape == (NV,)
+  assert saved["audio_codes"].dtype == np.int32 and saved["audio_codes"].shape == (NA,)
   assert int(saved["codebook_size"]) == 64 and int(saved["step"]) == 2
   assert str(saved["tokenizer_workdir"]) == str(workdir)
   assert str(saved["tokenizer_digest"]) == tok.digest and str(saved["source"]) == str(paths[0])
@@ -93,7 +95,11 @@ def test_encode_then_decode_round_trip(workdir, tok, clips, tmp_path):
     tok, np.stack([saved["video_codes"]] * 2), np.stack([saved["audio_codes"]] * 2)
   )
   assert batch_video.shape == (2, 4, 32, 32, 3) and batch_wave.shape == (2, 4096)
-  np.testing.assert_array_equal(batch_video[1], video)
+  np.testing.assert_array_equal(batch_video[1], batch_video[0])
+  # Batch 2 vs batch 1: XLA may sum in another order, so a pixel on a rounding
+  # boundary can move by one uint8 level (seen: 1 of 12288).
+  diff = np.abs(batch_video[1].astype(np.int16) - video)
+  assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
   # No vocoder in the run's config: Griffin-Lim (tests/evaluation/test_pretrained_eval.py
   # checks a configured HiFi-GAN).
   assert tok.vocoder == "griffin_lim"
@@ -185,19 +191,19 @@ def test_errors_are_one_line(workdir, tok, clips, tmp_path):
     f"--codes={bad}",
     f"--output={tmp_path / 'o.mp4'}",
   ]
-  np.savez(bad, video_codes=np.zeros(5, np.int32), audio_codes=np.zeros(4, np.int32))
+  np.savez(bad, video_codes=np.zeros(5, np.int32), audio_codes=np.zeros(NA, np.int32))
   message = _exit_message(decode)
   assert str(bad) in message and "video_codes has shape (5,)" in message
   np.savez(
-    bad, video_codes=np.zeros(8, np.int32), audio_codes=np.zeros(4, np.int32), codebook_size=128
+    bad, video_codes=np.zeros(NV, np.int32), audio_codes=np.zeros(NA, np.int32), codebook_size=128
   )
   message = _exit_message(decode)
   assert str(bad) in message and "codebook of 128 entries" in message
-  np.savez(bad, video_codes=np.full(8, 64, np.int32), audio_codes=np.zeros(4, np.int32))
+  np.savez(bad, video_codes=np.full(NV, 64, np.int32), audio_codes=np.zeros(NA, np.int32))
   message = _exit_message(decode)
   assert str(bad) in message and "outside the tokenizer's codebook [0, 64)" in message
   assert not (tmp_path / "o.mp4").exists()
   with pytest.raises(ValueError, match=r"video must be uint8 \[4, 36, 36, 3\] \(stored size\)"):
     tokenize_lib.encode_clip(tok, np.zeros((4, 30, 30, 3), np.uint8), np.zeros(4096, np.float32))
   with pytest.raises(ValueError, match="audio_codes has shape"):
-    tokenize_lib.decode_codes(tok, np.zeros(8, np.int32), np.zeros((4, 2), np.int32))
+    tokenize_lib.decode_codes(tok, np.zeros(NV, np.int32), np.zeros((4, 2), np.int32))

@@ -201,6 +201,20 @@ def denormalize(mel: np.ndarray | jax.Array, spec: Any) -> np.ndarray | jax.Arra
   return ((y.astype(np.float64) + 1.0) * half_range + lo).astype(dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def mel_ceiling(spec: MelSpec) -> float:
+  """The largest normalised log-mel any waveform in [-1, 1] can have [ours].
+
+  |STFT| of a frame is at most the sum of the window (every sample at +-1 in
+  phase with the bin), so mel band k is at most sum(window) * sum_b filter[k, b].
+  Decoders are not bounded; values above this (or below -1, the silence floor)
+  are not a sound, and `evaluate.make_codec` clips decoded mels to
+  [-1, mel_ceiling] as it clips video to [-1, 1].
+  """
+  peak = float(np.sum(np.abs(_window(spec)))) * float(np.max(np.sum(mel_filters(spec), axis=-1)))
+  return float(normalize(np.log(np.float64(max(peak, spec.log_floor))), spec))
+
+
 def mel_features(wave: np.ndarray, spec: MelSpec) -> np.ndarray:
   """normalize(log_mel(wave)): the audio input the model sees."""
   return normalize(log_mel(wave, spec), spec)

@@ -224,6 +224,9 @@ def _batches(
 def make_codec(tokenizer, modalities: tuple[str, ...], video_shape, mel_shape, data_config):
   """Jitted (encode, decode): patches -> codes -> reconstructions in normalised units."""
   video_patch, mel_patch = tuple(data_config.video_patch), tuple(data_config.mel_patch)
+  # Decoders are unbounded: reconstructions are clipped to what the data can be,
+  # video to [-1, 1], mels to [silence, the loudest mel of a [-1, 1] wave].
+  mel_max = audio_lib.mel_ceiling(audio_lib.MelSpec.from_config(data_config))
 
   def encode(variables, video_patches, mel_patches):
     out = tokenizer.apply(
@@ -241,7 +244,8 @@ def make_codec(tokenizer, modalities: tuple[str, ...], video_shape, mel_shape, d
       video = patches_lib.unpatchify_video(recon["video"], video_shape, video_patch)
       out["video"] = jnp.clip(video, -1.0, 1.0)
     if "audio" in recon:
-      out["audio"] = patches_lib.unpatchify_mel(recon["audio"], mel_shape, mel_patch)
+      mel = patches_lib.unpatchify_mel(recon["audio"], mel_shape, mel_patch)
+      out["audio"] = jnp.clip(mel, -1.0, mel_max)
     return out
 
   return jax.jit(encode), jax.jit(decode)

@@ -86,6 +86,27 @@ def test_pure_tone_peaks_in_its_band(freq):
   assert abs(peak - int(np.argmin(np.abs(centres - freq)))) <= 1, (peak, centres[peak])
 
 
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_mel_ceiling_bounds_every_full_scale_wave_and_is_nearly_reached(size):
+  spec = audio.MelSpec.from_config(config_lib.base_train_config(size, "stage1").data)
+  ceiling = audio.mel_ceiling(spec)
+  n = spec.hop_length * 64
+  rng = np.random.default_rng(0)
+  # A cosine at the centre of the widest mel band's peak bin: the loudest case.
+  filters = audio.mel_filters(spec)
+  band = int(np.argmax(filters.sum(axis=-1)))
+  freq = int(np.argmax(filters[band])) * spec.sample_rate / spec.n_fft
+  waves = [
+    np.sign(rng.standard_normal(n)),
+    rng.uniform(-1, 1, n),
+    np.ones(n),
+    np.cos(2 * np.pi * freq * np.arange(n) / spec.sample_rate),
+  ]
+  peaks = [float(audio.mel_features(w.astype(np.float32), spec).max()) for w in waves]
+  assert max(peaks) <= ceiling
+  assert peaks[-1] > ceiling - 0.25, (peaks, ceiling)  # a bound, not a loose guess
+
+
 def test_normalize_round_trip_and_silence():
   rng = np.random.default_rng(0)
   x = rng.uniform(PAPER.norm_min - 1, PAPER.norm_max + 1, 200_000).astype(np.float32)

@@ -55,7 +55,11 @@ def test_records_equal_direct_encoding(workdir, token_dir):
   config = config_lib.load_config(workdir / config_lib.RUN_CONFIG_FILE)
   assert metadata["tokenizer_workdir"] == str(workdir) and metadata["step"] == 2
   assert metadata["tokenizer_digest"] == tokens.tokenizer_digest(config)
-  assert (metadata["num_video_tokens"], metadata["num_audio_tokens"]) == (8, 4)
+  model = config_lib.model_config("tiny")
+  assert (metadata["num_video_tokens"], metadata["num_audio_tokens"]) == (
+    model.num_video_tokens,
+    model.num_audio_tokens,
+  )
   assert metadata["codebook_size"] == 64 and metadata["num_classes"] == 10
   assert metadata["data"] == "synthetic" and metadata["data_preset"] == "tiny"
 
@@ -78,8 +82,12 @@ def test_records_equal_direct_encoding(workdir, token_dir):
   assert [int(r["label"]) for r in records] == list(batch["label"])
   assert [r["source"] for r in records] == [f"synthetic:seed=0:index={i}" for i in range(6)]
   for r in records:
-    assert r["video_codes"].dtype == np.int32 and r["video_codes"].shape == (8,)
-    assert r["audio_codes"].dtype == np.int32 and r["audio_codes"].shape == (4,)
+    assert r["video_codes"].dtype == np.int32 and r["video_codes"].shape == (
+      model.num_video_tokens,
+    )
+    assert r["audio_codes"].dtype == np.int32 and r["audio_codes"].shape == (
+      model.num_audio_tokens,
+    )
   # Not a degenerate tokenizer: the clips do not all share one code.
   assert len(np.unique(np.stack([r["video_codes"] for r in records]))) > 4
 
@@ -93,10 +101,12 @@ def test_iterator_batches_shuffles_and_resumes(token_dir):
   head = [next(it) for _ in range(2)]
   state = it.get_state()
   expected = [next(it) for _ in range(4)]  # crosses several epochs of 6 records
+  model = config_lib.model_config("tiny")
   for b in head + expected:
     assert set(b) == {"video_codes", "audio_codes", "label"}
-    assert b["video_codes"].shape == (4, 8) and b["video_codes"].dtype == np.int32
-    assert b["audio_codes"].shape == (4, 4) and b["audio_codes"].dtype == np.int32
+    assert b["video_codes"].shape == (4, model.num_video_tokens)
+    assert b["audio_codes"].shape == (4, model.num_audio_tokens)
+    assert b["video_codes"].dtype == np.int32 and b["audio_codes"].dtype == np.int32
     assert b["label"].shape == (4,) and b["label"].dtype == np.int32
   # Every epoch is a permutation of the stored records (6 records = 1.5 batches).
   flat = [

