@@ -293,12 +293,53 @@ def baselines(train, test, out, kmeans=(1024,)) -> None:
       kmeans_apply(centres, pte).reshape(xte.shape),
     )
 
+  rows += audio_baselines(train, test, kmeans=kmeans)
   with open(out, "a") as f:
     for r in rows:
       f.write(
         json.dumps(dict(r, train_clips=len(xtr), eval_clips=n, date=time.strftime("%Y-%m-%d")))
         + "\n"
       )
+
+
+def audio_baselines(train, test, kmeans=(1024,)) -> list[dict[str, Any]]:
+  """The audio twins of the video baselines: each mel patch's mean, per-patch k-means.
+
+  Mel L1 in normalised log-mel units and the built-in audio classifier's accuracy,
+  as `learning_curve` scores the tokenizer's audio.
+  """
+  import numpy as np
+
+  from avtok_jax import config_lib
+  from avtok_jax.data import patches as patches_lib
+  from avtok_jax.evaluation import classifier as classifier_lib
+
+  c = _data_config("small")
+  cls = classifier_lib.load_classifier("small")
+  mel_shape = (c.mel.n_mels, config_lib.num_mel_frames(c))
+  xtr, xte = train["mel_patches"], test["mel_patches"]
+  n, p, d = xte.shape
+  rows = []
+
+  def add(name, pred):
+    pred = np.asarray(pred, np.float32).reshape(xte.shape)
+    mel = patches_lib.unpatchify_mel(pred, mel_shape, tuple(c.mel_patch))
+    acc = float(np.mean(np.argmax(cls.audio(np.clip(mel, -4, 4))[1], -1) == test["label"]))
+    l1 = float(np.mean(np.abs(pred - xte)))
+    rows.append(dict(baseline=name, mel_l1=l1, audio_acc=acc))
+    print(f"{name}: mel L1 {l1:.3f}, classifier accuracy {acc:.2f}")
+
+  add("input mel", xte)
+  add("mel patch mean", np.broadcast_to(xte.mean(2, keepdims=True), xte.shape))
+  rng = np.random.default_rng(0)
+  ptr = xtr.reshape(-1, d)
+  for k in kmeans:
+    sample = ptr[rng.choice(len(ptr), min(len(ptr), 50_000), replace=False)]
+    add(
+      f"per mel patch k-means, {k} codes",
+      kmeans_apply(kmeans_fit(sample, k, rng), xte.reshape(-1, d)),
+    )
+  return rows
 
 
 def kmeans_fit(x, k: int, rng, iterations: int = 20):
@@ -561,13 +602,23 @@ def table(path: str) -> str:
   lines += [
     f"| {r['baseline']} | {r['psnr']:.2f} dB | {r.get('video_acc', float('nan')):.2f} |"
     for r in rows
-    if "baseline" in r
+    if "baseline" in r and "psnr" in r
+  ]
+  lines += ["", "| audio baseline | mel L1 | classifier accuracy |", "|---|---|---|"]
+  lines += [
+    f"| {r['baseline']} | {r['mel_l1']:.3f} | {r['audio_acc']:.2f} |"
+    for r in rows
+    if "baseline" in r and "mel_l1" in r
   ]
   runs: dict[str, list] = {}
   for r in rows:
     if "variant" in r:
       runs.setdefault(r["variant"], []).append(r)
-  lines += ["", "| variant | step: PSNR dB / video acc (/ mel L1 / audio acc) |", "|---|---|"]
+  lines += [
+    "",
+    "| variant | what it changes | step: PSNR dB / video acc (/ mel L1 / audio acc) |",
+    "|---|---|---|",
+  ]
   for name, rs in runs.items():
     cells = []
     for r in rs:
@@ -577,14 +628,16 @@ def table(path: str) -> str:
       if "mel_l1" in r:
         cell += f" / {r['mel_l1']:.3f} / {r['audio_acc']:.2f}"
       cells.append(cell)
-    lines.append(f"| {name} | {'; '.join(cells)} |")
+    base = name.split("+")[0].split("/")[0]
+    what = VARIANTS[base][0] if base in VARIANTS else "(option since removed)"
+    lines.append(f"| {name} | {what} | {'; '.join(cells)} |")
   return "\n".join(lines)
 
 
 def _define_flags():
   """The CLI's flags: defined only when run, so that importing this module (tests) defines none."""
   global _VARIANTS, _SET, _NAME, _STEPS, _STAGE2_STEPS, _EVAL_EVERY, _TRAIN_CLIPS, _EVAL_CLIPS
-  global _SEED, _BASELINES, _OUT, _CACHE, _KMEANS, _TABLE, _STAGE3_STEPS
+  global _SEED, _BASELINES, _AUDIO_BASELINES, _OUT, _CACHE, _KMEANS, _TABLE, _STAGE3_STEPS
   _VARIANTS = flags.DEFINE_list("variants", [], "Variants to train (names in VARIANTS).")
   _SET = flags.DEFINE_multi_string("set", [], "Extra overrides KEY=PYTHON_VALUE for every variant.")
   _NAME = flags.DEFINE_string(
@@ -599,7 +652,8 @@ def _define_flags():
   _TRAIN_CLIPS = flags.DEFINE_integer("train_clips", 2048, "Training clips (generator seed 0).")
   _EVAL_CLIPS = flags.DEFINE_integer("eval_clips", 64, "Held-out clips scored.")
   _SEED = flags.DEFINE_integer("seed", 0, "Init and batch-order seed.")
-  _BASELINES = flags.DEFINE_bool("baselines", False, "Measure the baselines.")
+  _BASELINES = flags.DEFINE_bool("baselines", False, "Measure the baselines (video and audio).")
+  _AUDIO_BASELINES = flags.DEFINE_bool("audio_baselines", False, "Only the audio baselines.")
   _OUT = flags.DEFINE_string("out", "docs/results/learning.jsonl", "JSON lines appended here.")
   _CACHE = flags.DEFINE_string("cache", DEFAULT_CACHE, "Where the clip arrays are cached.")
   _KMEANS = flags.DEFINE_list(
@@ -619,8 +673,14 @@ def main(argv):
   print(
     f"held-out patch-mean-colour level: {patch_mean_level(test['video_patches'].astype('float32') / 127.5 - 1):.2f} dB"
   )
+  kmeans = tuple(map(int, _KMEANS.value))
   if _BASELINES.value:
-    baselines(train, test, _OUT.value, kmeans=tuple(map(int, _KMEANS.value)))
+    baselines(train, test, _OUT.value, kmeans=kmeans)
+  elif _AUDIO_BASELINES.value:
+    with open(_OUT.value, "a") as f:
+      for r in audio_baselines(train, test, kmeans=kmeans):
+        extra = dict(train_clips=len(train["label"]), eval_clips=len(test["label"]))
+        f.write(json.dumps(dict(r, **extra, date=time.strftime("%Y-%m-%d"))) + "\n")
   extra = dict(s.split("=", 1) for s in _SET.value)
   for name in _VARIANTS.value:
     if name not in VARIANTS:
