@@ -204,17 +204,6 @@ class Attention(nn.Module):
     return self.out(o.transpose(1, 2).reshape(b, n, w))
 
 
-def _norm_name(name: str, modality: str | None, modalities: tuple[str, ...]) -> str:
-  """layers._norm_name: `name` for shared norms, `{modality}_{name}` for per-modality ones."""
-  if not modalities:
-    if modality is not None:
-      raise ValueError(f"modality={modality!r} given to a stack without per-modality norms.")
-    return name
-  if modality not in modalities:
-    raise ValueError(f"modality={modality!r} must be one of {modalities}.")
-  return f"{modality}_{name}"
-
-
 class Block(nn.Module):
   """Pre-LN block; with `modalities`, norm1 / norm2 are per modality (`{m}_norm1`, ...)."""
 
@@ -223,13 +212,13 @@ class Block(nn.Module):
     self.modalities = tuple(modalities)
     for name in ("norm1", "norm2"):
       for m in self.modalities or (None,):
-        self.add_module(_norm_name(name, m, self.modalities), _layer_norm(width))
+        self.add_module(layers_lib._norm_name(name, m, self.modalities), _layer_norm(width))
     self.attn = Attention(width, num_heads, qkv_bias, causal)
     self.mlp = Mlp(width, mlp_dim)
 
   def forward(self, x, modality=None):
-    norm1 = getattr(self, _norm_name("norm1", modality, self.modalities))
-    norm2 = getattr(self, _norm_name("norm2", modality, self.modalities))
+    norm1 = getattr(self, layers_lib._norm_name("norm1", modality, self.modalities))
+    norm2 = getattr(self, layers_lib._norm_name("norm2", modality, self.modalities))
     x = x + self.attn(norm1(x))
     return x + self.mlp(norm2(x))
 
@@ -260,13 +249,13 @@ class Transformer(nn.Module):
       self.add_module(f"block_{i}", block)
     if final_norm:
       for m in self.modalities or (None,):
-        self.add_module(_norm_name("norm", m, self.modalities), _layer_norm(width))
+        self.add_module(layers_lib._norm_name("norm", m, self.modalities), _layer_norm(width))
 
   def forward(self, x, modality=None):
     for i in range(self.depth):
       x = getattr(self, f"block_{i}")(x, modality)
     if self.final_norm:
-      x = getattr(self, _norm_name("norm", modality, self.modalities))(x)
+      x = getattr(self, layers_lib._norm_name("norm", modality, self.modalities))(x)
     return x
 
 
