@@ -29,6 +29,7 @@ others). Everything else is the stage-1 config of `configs/vfal_stage1.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -435,29 +436,29 @@ def train_variant(
 
   import flax.serialization
 
-  if eval(overrides.get("bench.continuous", "False")):  # noqa: S307
-    _continuous_quantizer()
-  kw = dict(eval_every=eval_every, seed=seed, out=out, overrides=overrides)
-  params = None
-  key = ""
-  for stage, n in (("stage1", steps), ("stage2", stage2_steps), ("stage3", stage3_steps)):
-    if not n:
-      break
-    key += f"{stage}:{n};"
-    # Only the overrides that reach this stage or an earlier one name its parameters.
-    later = {"stage1": ("stage2.", "stage3."), "stage2": ("stage3.",), "stage3": ()}[stage]
-    seen = {k: v for k, v in overrides.items() if not k.startswith(later)}
-    digest = hashlib.sha256((key + json.dumps(seen, sort_keys=True) + str(seed)).encode())
-    path = pathlib.Path(cache) / f"params_{digest.hexdigest()[:16]}.msgpack"
-    config = make_config(overrides, n, stage)
-    if path.exists():
-      params = flax.serialization.msgpack_restore(path.read_bytes())
-      print(f"{name}/{stage}: parameters from {path}")
-      continue
-    label = name if stage == "stage1" else f"{name}/{stage}"
-    _, params = learning_curve(config, train, test, name=label, init_params=params, **kw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(flax.serialization.msgpack_serialize(jax_to_numpy(params)))
+  continuous = eval(overrides.get("bench.continuous", "False"))  # noqa: S307
+  with _continuous_quantizer(continuous):
+    kw = dict(eval_every=eval_every, seed=seed, out=out, overrides=overrides)
+    params = None
+    key = ""
+    for stage, n in (("stage1", steps), ("stage2", stage2_steps), ("stage3", stage3_steps)):
+      if not n:
+        break
+      key += f"{stage}:{n};"
+      # Only the overrides that reach this stage or an earlier one name its parameters.
+      later = {"stage1": ("stage2.", "stage3."), "stage2": ("stage3.",), "stage3": ()}[stage]
+      seen = {k: v for k, v in overrides.items() if not k.startswith(later)}
+      digest = hashlib.sha256((key + json.dumps(seen, sort_keys=True) + str(seed)).encode())
+      path = pathlib.Path(cache) / f"params_{digest.hexdigest()[:16]}.msgpack"
+      config = make_config(overrides, n, stage)
+      if path.exists():
+        params = flax.serialization.msgpack_restore(path.read_bytes())
+        print(f"{name}/{stage}: parameters from {path}")
+        continue
+      label = name if stage == "stage1" else f"{name}/{stage}"
+      _, params = learning_curve(config, train, test, name=label, init_params=params, **kw)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(flax.serialization.msgpack_serialize(jax_to_numpy(params)))
 
 
 def _overlay(fresh, previous):
@@ -578,19 +579,26 @@ def learning_curve(
   return rows, state["params"]
 
 
-def _continuous_quantizer() -> None:
-  """Bench only: the quantizer hands the decoder its l2-normalised input z (no codes)."""
+@contextlib.contextmanager
+def _continuous_quantizer(enabled: bool = True):
+  """Bench only, inside the block: the quantizer hands the decoder its l2-normalised z (no codes)."""
   from avtok_jax.models import quantizer as quantizer_lib
 
+  if not enabled:
+    yield
+    return
   cls = quantizer_lib.VectorQuantizer
-  original = getattr(cls, "_bench_original_call", cls.__call__)
-  cls._bench_original_call = original
+  original = cls.__call__
 
   def call(self, z, **kwargs):
     out = original(self, z, **kwargs)
     return out.replace(quantized=out.z)
 
   cls.__call__ = call
+  try:
+    yield
+  finally:
+    cls.__call__ = original
 
 
 # ----------------------------------------------------------------------------- table

@@ -4,7 +4,9 @@ AVTOK.md section 4. Starts from stage 2's parameters (`init_from`, required)
 with the tokens fixed: the encoder side (encoder, quant_in, quantizer, the
 *_embed / *_in_norm / holistic *_queries modules), the AR prior and both
 alignment projectors are frozen. Trains the shared decoder, quant_out and,
-per modality, the patch queries, output LayerNorm and head. Losses: both
+per modality, the patch queries, the region maps out (where a token covers
+several patches), the output LayerNorm (inside `decoder/` with the configs'
+norms='inside') and head. Losses: both
 reconstruction terms (+ LPIPS when `lpips.weights` is given) and the GAN on
 video and mel (none for `small`, see GAN_MODALITIES), from the first step
 (the decoder starts from a trained state).
@@ -31,7 +33,8 @@ TOTAL_STEPS = {"tiny": 4, "small": 300, "B": 25_000, "L": 25_000}  # [ours]
 # GAN modalities [ours]; () = no GAN. small has none: its video discriminator's
 # 3D convolutions made a step 20x slower on the 2-core CPU (7 s instead of
 # 0.33 s), and the mel one raised the held-out mel L1 from 0.101 to 0.138 in
-# the 200 steps of the first demo (docs/results/demo_eval.md).
+# the 200 steps of the first demo (2026-11-26; docs/results/demo_eval.md at
+# commit 40311db).
 GAN_MODALITIES = {
   "tiny": ("video", "audio"),
   "small": (),

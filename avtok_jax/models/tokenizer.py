@@ -6,12 +6,15 @@ With the configs' design (norms='inside', locality='both'; the knobs are the
 attributes below, measured in docs/results/learning.md):
 
   patches -> Dense m_embed = content;  h = content + fixed sin-cos PE over m's token grid
-  holistic queries m_queries + 1D PE + mean of h over the query's region   [locality, ours]
+  holistic queries m_queries + 1D PE + the query's region of patches      [locality, ours]
+    (the mean of h over the region, or, where a region holds several patches,
+    m_region_in over its patches side by side)
   [h ; queries] -> shared `encoder` (bidirectional; its LayerNorms are LN^m)
     outputs at patch positions -> "patch-wise tokens" (continuous, for L_rep)
     outputs at query positions -> `quant_in` (width -> code_dim) -> `quantizer` -> codes
   codes -> Q^-1 (unit vectors) x code_scale -> `quant_out` (code_dim -> width) = latents
-  [latents + 1D PE ; m_patch_queries + grid PE + the latent of the patch's region]
+  [latents + 1D PE ; m_patch_queries + grid PE + the latent of the patch's region
+    (through m_region_out[the patch's slot] where regions hold several patches)]
     -> shared `decoder` (LayerNorms LN^m) -> outputs at patch-query positions
     -> zero-init Dense m_head -> patches
 
